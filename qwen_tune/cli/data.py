@@ -1,0 +1,149 @@
+"""`qwen-tune data check|tokenize|preview`: see exactly what the model will be trained on."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import DatasetSpec
+from ..data.dataset import load_conversations
+from ..data.formats import Conversation, detect_file_format
+from ..data.report import DataReport
+from ..data.template import DEFAULT_SYSTEM, IGNORE_INDEX, ChatMLEncoder, EncodedSample
+from ..data.tokenizer import load_tokenizer
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="inspect, validate and tokenize conversation data")
+    dsub = p.add_subparsers(dest="data_cmd", required=True)
+
+    def common(q: argparse.ArgumentParser, max_len: int = 512) -> None:
+        q.add_argument("--max-len", type=int, default=max_len, help="model_max_length (default %(default)s)")
+        q.add_argument("--mask", choices=["reference", "assistant_only"], default="reference")
+        q.add_argument("--system", default=DEFAULT_SYSTEM, help="default system prompt")
+        q.add_argument("--model", default=None, help="checkpoint dir whose tokenizer to use (default: bundled Qwen)")
+        q.add_argument("--format", default="auto", choices=["auto", "qwen", "sharegpt", "openai", "alpaca"])
+        q.add_argument("--truncation", choices=["cut", "drop"], default="cut")
+        q.add_argument("--strict", action="store_true", help="stop at the first bad record")
+
+    c = dsub.add_parser("check", help="format, counts, length histogram, truncation/drop report")
+    c.add_argument("files", nargs="+")
+    common(c)
+    c.set_defaults(func=cmd_check)
+
+    t = dsub.add_parser("tokenize", help="write {id, input_ids, labels} per kept sample as JSONL")
+    t.add_argument("--data", required=True, nargs="+")
+    t.add_argument("--out", required=True)
+    common(t)
+    t.set_defaults(func=cmd_tokenize)
+
+    v = dsub.add_parser("preview", help="print rendered samples with trained spans highlighted")
+    v.add_argument("file")
+    v.add_argument("-n", type=int, default=3, help="how many samples (default %(default)s)")
+    common(v, max_len=8192)
+    v.set_defaults(func=cmd_preview)
+
+
+@dataclass
+class Encoded:
+    report: DataReport
+    formats: dict[str, str] = field(default_factory=dict)
+    convs: list[Conversation] = field(default_factory=list)
+    samples: list[EncodedSample] = field(default_factory=list)
+
+
+def encode_files(files: list[str], args: argparse.Namespace) -> Encoded:
+    tokenizer = load_tokenizer(args.model)
+    encoder = ChatMLEncoder(tokenizer, args.max_len, args.mask, args.system, args.truncation)
+    out = Encoded(DataReport("data"))
+    for f in files:
+        spec = DatasetSpec(path=f, format=args.format)
+        if spec.format == "auto":
+            from ..data.dataset import iter_raw_records
+
+            out.formats[f] = detect_file_format(iter_raw_records(spec))
+            spec.format = out.formats[f]  # type: ignore[assignment]
+        else:
+            out.formats[f] = spec.format
+        out.convs += load_conversations(spec, out.report, args.strict)
+    out.samples = encoder.encode(out.convs)
+    for s in out.samples:
+        out.report.truncated += s.truncated
+        if s.drop_reason:
+            out.report.add_drop(s.drop_reason, f"id={s.id!r}")
+        else:
+            out.report.kept += 1
+    return out
+
+
+def _percentile(sorted_vals: list[int], q: float) -> int:
+    if not sorted_vals:
+        return 0
+    return sorted_vals[min(len(sorted_vals) - 1, int(round(q * (len(sorted_vals) - 1))))]
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    enc = encode_files(args.files, args)
+    for f, fmt in enc.formats.items():
+        print(f"{f}: format {fmt}")
+    # Lengths before truncation tell how much max_len cuts.
+    full = ChatMLEncoder(load_tokenizer(args.model), 10**9, args.mask, args.system)
+    lengths = sorted(len(s.input_ids) for s in full.encode(enc.convs))
+    turns = sum(len(c.turns) for c in enc.convs)
+    kept = [s for s in enc.samples if not s.drop_reason]
+    trained = sum(sum(1 for t in s.labels[1:] if t != IGNORE_INDEX) for s in kept)
+    print(f"samples: {len(enc.convs)} valid, turns: {turns}, tokens (before truncation): {sum(lengths)}, "
+          f"after: {sum(len(s.input_ids) for s in kept)}, trained label tokens: {trained}")
+    if lengths:
+        print(f"length p50 {_percentile(lengths, .5)}  p90 {_percentile(lengths, .9)}  "
+              f"p99 {_percentile(lengths, .99)}  max {lengths[-1]}  (max_len {args.max_len})")
+        edges = [0, 128, 256, 512, 1024, 2048, 4096, 8192, 10**9]
+        for lo, hi in zip(edges, edges[1:]):
+            n = sum(lo < x <= hi for x in lengths)
+            if n:
+                label = f"{lo + 1}-{hi}" if hi < 10**9 else f">{lo}"
+                print(f"  {label:>11} {n:6d} {'#' * max(1, round(40 * n / len(lengths)))}")
+    over = sum(x > args.max_len for x in lengths)
+    print(f"over max_len: {over} ({'dropped' if args.truncation == 'drop' else 'tail-truncated'})")
+    print(enc.report)
+    return 0
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    enc = encode_files(args.data, args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", encoding="utf-8") as fh:
+        for s in enc.samples:
+            if not s.drop_reason:
+                fh.write(json.dumps({"id": s.id, "input_ids": s.input_ids, "labels": s.labels}) + "\n")
+    print(enc.report, file=sys.stderr)
+    print(f"wrote {enc.report.kept} samples to {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.text import Text
+
+    enc = encode_files([args.file], args)
+    tokenizer = load_tokenizer(args.model)
+    console = Console(highlight=False)
+    console.print("[bold green]green[/] = trained (label kept), [dim]dim[/] = ignored (-100)")
+    for s in enc.samples[: args.n]:
+        head = f"── id={s.id} tokens={len(s.input_ids)}" + (" TRUNCATED" if s.truncated else "")
+        console.print(head + (f" DROPPED: {s.drop_reason}" if s.drop_reason else ""), style="bold")
+        text = Text()
+        start = 0
+        # Decode runs of same-status tokens together so multi-byte characters stay whole.
+        for i in range(1, len(s.input_ids) + 1):
+            if i == len(s.input_ids) or (s.labels[i] != IGNORE_INDEX) != (s.labels[start] != IGNORE_INDEX):
+                piece = tokenizer.decode(s.input_ids[start:i])
+                text.append(piece, style="bold green" if s.labels[start] != IGNORE_INDEX else "dim")
+                start = i
+        console.print(text)
+    console.print("\n".join(enc.report.lines()))
+    return 0

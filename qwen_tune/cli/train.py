@@ -1,0 +1,60 @@
+"""`qwen-tune train` and `qwen-tune recipes`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+
+from ..config import list_recipes, load_recipe
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="fine-tune a Qwen model from a YAML recipe",
+                       description="Fine-tune from a recipe; trailing key.sub=value items override it.")
+    p.add_argument("--recipe", required=True, help="recipe file, or a bundled recipe name (see `qwen-tune recipes`)")
+    p.add_argument("--nproc", type=int, default=None, help="launch N processes on this machine through torchrun")
+    p.add_argument("overrides", nargs="*", help="e.g. training.lr=1e-4 output.dir=outputs/x")
+    p.set_defaults(func=cmd_train)
+    r = sub.add_parser("recipes", help="list bundled recipes")
+    r.set_defaults(func=cmd_recipes)
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    for name, about in list_recipes():
+        print(f"{name:18s} {about}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)  # validate before spawning anything
+    if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        torchrun = shutil.which("torchrun") or "torchrun"
+        cmd = [torchrun, "--nproc_per_node", str(args.nproc), "-m", "qwen_tune.cli.main", "train",
+               "--recipe", args.recipe, *args.overrides]
+        print("launching:", " ".join(cmd), file=sys.stderr)
+        return subprocess.call(cmd)
+    from ..train.run import run_training
+
+    result = run_training(recipe)
+    if int(os.environ.get("RANK", "0")) == 0:
+        _print_next_steps(recipe, result)
+    return 0
+
+
+def _print_next_steps(recipe, result) -> None:  # noqa: ANN001
+    s = result.summary
+    print("\n── training finished " + "─" * 40)
+    print(f"steps {s['steps']}  loss {s['first_logged_loss']} -> {s['last_logged_loss']}  "
+          f"{s['tokens_per_s']} tokens/s  peak memory {s['peak_memory_gb']} GB  "
+          f"trainable {s['trainable_params']:,} / {s['total_params']:,}")
+    out = result.output_dir
+    print(f"outputs:      {out}  (recipe: {out}/qwen_tune_recipe.yaml, loss curve: {out}/loss_curve.png, "
+          f"TensorBoard: {out}/runs)")
+    if recipe.method == "full":
+        print(f"chat:         qwen-tune chat --model {out}")
+    else:
+        print(f"chat:         qwen-tune chat --model {result.base_model} --adapter {out}")
+        print(f"merge:        qwen-tune merge-adapter --adapter {out} --out {out}-merged")

@@ -1,0 +1,263 @@
+"""Recipe schema: YAML recipes validated by pydantic, with `key.sub=value` overrides.
+
+Errors come back as one readable line per problem; an unknown key names the closest valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RECIPES_DIR = REPO_ROOT / "recipes"
+
+
+class ConfigError(ValueError):
+    """A recipe problem a user can fix; printed as-is, without a traceback."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelConfig(_Section):
+    path: Optional[str] = None  # checkpoint dir (HF layout); None with from_config
+    from_config: Optional[str] = None  # config.json to build a random-weight model from (tiny demos, tests)
+    tokenizer: Optional[str] = None  # defaults to the checkpoint's own tokenizer (bundled Qwen one for Qwen-1)
+    family: str = "auto"  # auto = read model_type from config.json
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    is_chat: Optional[bool] = None  # None = decide from the checkpoint (are ChatML tokens trained?)
+    seed: int = 0  # for from_config weights
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelConfig":
+        if not self.path and not self.from_config:
+            raise ValueError("set model.path (a checkpoint directory) or model.from_config")
+        return self
+
+
+class DatasetSpec(_Section):
+    path: str  # file, directory, HF hub name or a save_to_disk directory
+    format: Literal["auto", "qwen", "sharegpt", "openai", "alpaca"] = "auto"
+    weight: float = Field(1.0, gt=0)  # <1 subsamples, >1 repeats (deterministic with the seed)
+    split: str = "train"  # for HF datasets
+    name: Optional[str] = None  # HF dataset config name
+
+
+class DataConfig(_Section):
+    datasets: list[DatasetSpec] = Field(default_factory=list)
+    eval_datasets: list[DatasetSpec] = Field(default_factory=list)
+    eval_split_ratio: float = Field(0.0, ge=0, lt=1)
+    max_len: int = Field(512, gt=8)  # the reference's model_max_length
+    mask: Literal["reference", "assistant_only"] = "reference"
+    system_prompt: str = "You are a helpful assistant."
+    truncation: Literal["cut", "drop"] = "cut"
+    packing: bool = True
+    pad_to_multiple_of: Optional[int] = None
+    strict: bool = False
+    num_proc: int = 1
+    cache_dir: Optional[str] = None
+    streaming: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shortcuts(cls, v: Any) -> Any:
+        # `data.path: x.json` and `data.eval_path: y.json` as short forms of one-element lists.
+        if isinstance(v, dict):
+            v = dict(v)
+            if "path" in v:
+                v.setdefault("datasets", []).insert(0, {"path": v.pop("path"), "format": v.pop("format", "auto")})
+            if "eval_path" in v:
+                v.setdefault("eval_datasets", []).insert(0, {"path": v.pop("eval_path")})
+        return v
+
+
+class LoraConfig(_Section):
+    r: int = Field(64, gt=0)
+    alpha: int = 16
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: Union[Literal["auto", "all-linear"], list[str]] = "auto"
+    bias: Literal["none", "all", "lora_only"] = "none"
+    modules_to_save: Optional[list[str]] = None  # explicit list wins over trainable_embeddings
+    trainable_embeddings: Optional[bool] = None  # None = on for base models, off for chat models
+
+
+class QuantConfig(_Section):
+    method: Literal["none", "gptq", "nf4"] = "none"  # gptq: load an Int4 checkpoint; nf4: quantize on load
+    double_quant: bool = True
+    compute_dtype: Literal["auto", "fp16", "bf16", "fp32"] = "auto"
+
+
+class TrainingConfig(_Section):
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 1  # per device; with packing, samples flattened into one row
+    grad_accum: int = 8
+    lr: float = 3e-4
+    scheduler: str = "cosine"
+    warmup_ratio: float = 0.01
+    weight_decay: float = 0.1
+    adam_beta2: float = 0.95
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = True
+    seed: int = 42
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    loss: Literal["chunked", "plain"] = "chunked"
+    loss_chunk_size: int = 2048
+    freeze: list[str] = Field(default_factory=list)  # full method: parameter name substrings kept frozen
+    eval_steps: Optional[int] = None
+    dataloader_workers: int = 0
+    use_cpu: Optional[bool] = None  # None = CPU when no accelerator is visible
+
+
+class OutputConfig(_Section):
+    dir: str = "outputs/run"
+    save_steps: int = 100
+    save_total_limit: Optional[int] = 3
+    save_final: bool = True
+    logging_steps: int = 1
+    report_to: list[str] = Field(default_factory=lambda: ["tensorboard"])
+    resume_from_checkpoint: Optional[str] = None  # "auto" = latest complete checkpoint in dir
+    overwrite: bool = False
+
+
+class Recipe(_Section):
+    model: ModelConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    method: Literal["full", "lora", "qlora"] = "lora"
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    quantization: QuantConfig = Field(default_factory=QuantConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    deepspeed: Optional[str] = None  # path to a ds_configs/*.json
+    fsdp: Optional[str] = None  # e.g. "full_shard auto_wrap"; alternative to deepspeed
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _ds_exists(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not Path(v).exists() and (REPO_ROOT / v).exists():
+            return str(REPO_ROOT / v)
+        return v
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, f in model.model_fields.items():
+        keys.append(prefix + name)
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += _all_keys(ann, prefix + name + ".")
+    return keys
+
+
+def _format_errors(e: ValidationError, source: str) -> str:
+    valid = _all_keys(Recipe) + [f"data.{k}" for k in ("path", "eval_path")]
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(loc, valid, n=1, cutoff=0.5)
+            if not close:  # compare the last segment too: `training.learning_rate` -> `training.lr`
+                parent, _, leaf = loc.rpartition(".")
+                siblings = [k.rpartition(".")[2] for k in valid if k.rpartition(".")[0] == parent]
+                near = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.4)
+                close = [f"{parent}.{near[0]}" if parent else near[0]] if near else []
+            hint = f"; did you mean `{close[0]}`?" if close else ""
+            lines.append(f"{source}: unknown key `{loc}`{hint}")
+        else:
+            got = err.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"{source}: `{loc or '<root>'}`: {err['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.sub=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for p in path[:-1]:
+            child = node.get(p)
+            if not isinstance(child, dict):
+                child = node[p] = {}
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def find_recipe(name: str | os.PathLike) -> Path:
+    """A recipe path as given, else a bundled recipe by name (`lora` or `lora.yaml`)."""
+    p = Path(name)
+    if p.exists():
+        return p
+    for cand in (RECIPES_DIR / p.name, RECIPES_DIR / f"{p.name}.yaml"):
+        if cand.exists():
+            return cand
+    bundled = ", ".join(sorted(f.stem for f in RECIPES_DIR.glob("*.yaml")))
+    raise ConfigError(f"recipe {str(name)!r} not found (bundled recipes: {bundled})")
+
+
+def load_recipe(name: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+    path = find_recipe(name)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections")
+    data = apply_overrides(data, overrides or [])
+    return recipe_from_dict(data, source=str(path))
+
+
+def recipe_from_dict(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+    _resolve_paths(recipe, Path(source).parent if Path(source).exists() else Path.cwd())
+    return recipe
+
+
+def _resolve_paths(recipe: Recipe, base: Path) -> None:
+    """Relative paths in a bundled recipe point into the repo; the user's cwd wins if the file is there."""
+    def fix(p: Optional[str]) -> Optional[str]:
+        if p is None or Path(p).is_absolute() or Path(p).exists():
+            return p
+        for root in (base, REPO_ROOT):
+            if (root / p).exists():
+                return str(root / p)
+        return p
+
+    recipe.model.from_config = fix(recipe.model.from_config)
+    if recipe.deepspeed:
+        recipe.deepspeed = fix(recipe.deepspeed)
+    for spec in recipe.data.datasets + recipe.data.eval_datasets:
+        spec.path = fix(spec.path)
+
+
+def list_recipes() -> list[tuple[str, str]]:
+    """(name, first comment line) of each bundled recipe."""
+    out = []
+    for f in sorted(RECIPES_DIR.glob("*.yaml")):
+        first = next((ln.lstrip("# ").strip() for ln in f.read_text().splitlines() if ln.startswith("#")), "")
+        out.append((f.stem, first))
+    return out

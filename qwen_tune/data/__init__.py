@@ -1,0 +1,1 @@
+"""ChatML data pipeline: formats, template and masking, datasets, collators."""

@@ -1,0 +1,77 @@
+"""Accounting of every record that was skipped, dropped or truncated: nothing is lost silently."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from .formats import DataError
+
+_REASON_TEXT = {
+    "invalid_json": "invalid JSON",
+    "not_utf8": "not valid UTF-8",
+    "not_an_object": "record is not a JSON object",
+    "missing_field": "missing field",
+    "wrong_type": "wrong type",
+    "unknown_role": "unknown role",
+    "non_string_value": "non-string value",
+    "empty_conversation": "empty conversation",
+    "no_assistant_turn": "no assistant turn",
+    "misplaced_system": "system turn not first",
+    "too_long": "longer than max_len (truncation: drop)",
+    "no_trainable_label": "no trainable label",
+    "no_assistant_label_after_truncation": "no assistant token left after truncation",
+}
+
+
+@dataclass
+class DataReport:
+    """Counts per reason plus the first few locations of each, for one split."""
+
+    name: str = "train"
+    records: int = 0
+    kept: int = 0
+    truncated: int = 0
+    leading_assistant_dropped: int = 0
+    skipped: Counter = field(default_factory=Counter)  # invalid records, by reason
+    dropped: Counter = field(default_factory=Counter)  # valid records not kept, by reason
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    max_examples: int = 3
+
+    def add_error(self, e: DataError) -> None:
+        self.skipped[e.reason] += 1
+        self._example(e.reason, str(e))
+
+    def add_drop(self, reason: str, where: str) -> None:
+        self.dropped[reason] += 1
+        self._example(reason, where)
+
+    def _example(self, reason: str, text: str) -> None:
+        ex = self.examples.setdefault(reason, [])
+        if len(ex) < self.max_examples:
+            ex.append(text)
+
+    @property
+    def lost(self) -> int:
+        return sum(self.skipped.values()) + sum(self.dropped.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "records": self.records, "kept": self.kept, "truncated": self.truncated,
+                "leading_assistant_dropped": self.leading_assistant_dropped,
+                "skipped": dict(self.skipped), "dropped": dict(self.dropped), "examples": self.examples}
+
+    def lines(self) -> list[str]:
+        out = [f"[{self.name}] {self.records} records read, {self.kept} kept, "
+               f"{sum(self.skipped.values())} invalid, {sum(self.dropped.values())} dropped, {self.truncated} truncated"]
+        if self.leading_assistant_dropped:
+            out.append(f"  {self.leading_assistant_dropped} conversations started with an assistant turn; "
+                       "that turn was dropped (as the reference does)")
+        for kind, counter in (("invalid", self.skipped), ("dropped", self.dropped)):
+            for reason, n in counter.most_common():
+                out.append(f"  {kind}: {n} x {_REASON_TEXT.get(reason, reason)}")
+                out.extend(f"    e.g. {ex}" for ex in self.examples.get(reason, []))
+        return out
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())

@@ -1,0 +1,52 @@
+"""What training needs to know per Qwen family: LoRA targets and embedding/head names."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    lora_targets: tuple[str, ...]
+    embedding: str  # module name of the input embedding
+    lm_head: str = "lm_head"
+
+
+_QWEN2_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Qwen3.5 / Qwen3-Next mix full attention with gated linear-attention (Gated DeltaNet) layers.
+_HYBRID_LINEARS = _QWEN2_LINEARS + ("in_proj_qkv", "in_proj_z", "in_proj_qkvz", "out_proj")
+
+FAMILIES: dict[str, Family] = {
+    "qwen": Family("qwen", ("c_attn", "c_proj", "w1", "w2"), "wte"),
+    "qwen2": Family("qwen2", _QWEN2_LINEARS, "embed_tokens"),
+    "qwen2_moe": Family("qwen2_moe", _QWEN2_LINEARS, "embed_tokens"),
+    "qwen3": Family("qwen3", _QWEN2_LINEARS, "embed_tokens"),
+    "qwen3_moe": Family("qwen3_moe", _QWEN2_LINEARS, "embed_tokens"),
+    "qwen3_next": Family("qwen3_next", _HYBRID_LINEARS, "embed_tokens"),
+    "qwen3_5_text": Family("qwen3_5_text", _HYBRID_LINEARS, "embed_tokens"),
+    "qwen3_5_moe_text": Family("qwen3_5_moe_text", _HYBRID_LINEARS, "embed_tokens"),
+}
+
+
+def read_model_type(path: str | Path) -> str:
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json)")
+    try:
+        model_type = json.loads(cfg.read_text())["model_type"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise ValueError(f"{cfg}: cannot read model_type ({e})") from None
+    return model_type
+
+
+def get_family(model_type: str) -> Family:
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    if model_type.startswith("qwen"):
+        # A newer Qwen generation: its dense linears almost always follow the Qwen2 naming.
+        return Family(model_type, _QWEN2_LINEARS, "embed_tokens")
+    raise ValueError(f"model_type {model_type!r} is not a Qwen family supported by qwen-tune "
+                     f"(known: {', '.join(FAMILIES)})")

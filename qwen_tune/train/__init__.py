@@ -1,0 +1,1 @@
+"""Training: methods, Trainer wrapper, distributed checks, the recipe runner."""

@@ -1,0 +1,200 @@
+"""Memory-lean causal-LM loss.
+
+Qwen's vocabulary is 151,936 tokens, so the full fp32 logits of one 8k-token
+sequence are ~5 GB, and the usual ``lm_head -> .float() -> cross_entropy``
+keeps them (plus their log-softmax) alive until backward.  This module computes
+the same loss as transformers' ``ForCausalLMLoss`` without ever holding more
+than ``chunk_size`` rows of logits:
+
+1. labels are shifted HF-style (position t predicts ``labels[t + 1]``);
+2. only the hidden rows whose shifted label is not ``IGNORE_INDEX`` are
+   gathered (prompt / padding tokens never reach the LM head);
+3. those rows go through the LM head in chunks; each chunk is wrapped in a
+   non-reentrant activation checkpoint, so its logits are freed right after the
+   forward and recomputed, one chunk at a time, during backward.
+
+The LM head is always *called as a module* (``lm_head(x)``) so that wrappers
+and hooks keep working: peft ``ModulesToSaveWrapper``, LoRA on ``lm_head``,
+DeepSpeed ZeRO-3 parameter gathering.
+
+An optional fused path uses liger-kernel's ``LigerFusedLinearCrossEntropyLoss``
+(CUDA only) when the head is a plain, hook-free ``nn.Linear`` without bias.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["IGNORE_INDEX", "causal_lm_loss", "estimate_logits_bytes"]
+
+IGNORE_INDEX = -100
+
+_FP32_BYTES = 4
+
+
+def estimate_logits_bytes(num_tokens: int, vocab: int, chunk_size: int | None) -> int:
+    """Bytes of fp32 logits alive at once for ``num_tokens`` supervised rows.
+
+    Counts the logits and their gradient (hence ``* 2``).  ``chunk_size=None``
+    means the plain path (all rows at once); otherwise the chunked path, whose
+    peak is one chunk (recomputed during backward).
+    """
+    if num_tokens < 0 or vocab < 0:
+        raise ValueError("num_tokens and vocab must be >= 0")
+    if chunk_size is None:
+        rows = num_tokens
+    else:
+        if chunk_size <= 0:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        rows = min(chunk_size, num_tokens)
+    return int(rows) * int(vocab) * _FP32_BYTES * 2
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _zero3_partitioned(module: nn.Module) -> bool:
+    """True when the module's parameters are managed by DeepSpeed ZeRO-3."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def _synced_num_chunks(n_chunks: int, lm_head: nn.Module, device: torch.device) -> int:
+    """Under ZeRO-3 every ``lm_head`` call is a collective (parameter all-gather),
+    so all ranks must call it the same number of times: take the max over ranks.
+    Ranks with fewer rows then run empty chunks."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return n_chunks
+    if torch.distributed.get_world_size() <= 1 or not _zero3_partitioned(lm_head):
+        return n_chunks
+    t = torch.tensor([n_chunks], dtype=torch.long, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
+def _chunk_ce_sum(lm_head: nn.Module, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = lm_head(rows).float()
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def _liger_usable(lm_head: nn.Module, hidden: torch.Tensor, use_liger: bool | None) -> bool:
+    if use_liger is False:
+        return False
+    if use_liger is None and not hidden.is_cuda:
+        return False
+    reason = None
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        reason = "liger_kernel is not installed"
+    if reason is None:
+        if not hidden.is_cuda:
+            reason = "liger-kernel needs CUDA tensors"
+        elif type(lm_head) is not nn.Linear or lm_head.bias is not None:
+            # Wrapped heads (peft, bnb, ...) must be called as modules.
+            reason = "lm_head is not a plain bias-free nn.Linear"
+        elif lm_head._forward_hooks or lm_head._forward_pre_hooks or _zero3_partitioned(lm_head):
+            reason = "lm_head has forward hooks / ZeRO-3 partitioned weights"
+    if reason is None:
+        return True
+    if use_liger:  # explicitly requested: say why not (the warnings registry dedups repeats)
+        warnings.warn(f"causal_lm_loss: fused liger path unavailable ({reason}); using chunked path", stacklevel=3)
+    return False
+
+
+def _liger_ce_sum(lm_head: nn.Linear, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    weight = lm_head.weight
+    fused = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
+    out = fused(weight, rows.to(weight.dtype), targets)
+    if isinstance(out, tuple):  # some versions return (loss, z_loss)
+        out = out[0]
+    return out.float()
+
+
+# --------------------------------------------------------------------------- main entry
+
+
+def causal_lm_loss(
+    hidden_states: torch.Tensor,
+    lm_head: nn.Module,
+    labels: torch.Tensor,
+    *,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    chunk_size: int = 2048,
+    use_liger: bool | None = None,
+) -> torch.Tensor:
+    """Causal-LM cross entropy from decoder hidden states, without full logits.
+
+    Args:
+        hidden_states: ``[B, T, H]`` last decoder hidden states.
+        lm_head: module mapping ``[N, H] -> [N, V]``; called as ``lm_head(x)``.
+        labels: ``[B, T]`` unshifted labels (HF convention), ``IGNORE_INDEX``
+            marks positions without a target.  ``hidden[:, t]`` predicts
+            ``labels[:, t + 1]``.
+        num_items_in_batch: if given, the summed loss is divided by it (the
+            Trainer passes the supervised-token count of the whole
+            gradient-accumulation window); otherwise mean over valid tokens.
+        chunk_size: rows of logits materialized at once.
+        use_liger: ``True`` to request liger's fused linear+CE (falls back to
+            the chunked path when not applicable), ``False`` to never use it,
+            ``None`` to use it automatically on CUDA when installed.
+
+    Returns:
+        fp32 scalar loss, equal (up to float rounding) to
+        ``ForCausalLMLoss(lm_head(hidden_states), labels, V, num_items_in_batch)``.
+        With no supervised token it is a graph-connected zero.
+    """
+    if hidden_states.dim() != 3:
+        raise ValueError(f"hidden_states must be [B, T, H], got {tuple(hidden_states.shape)}")
+    if labels.shape != hidden_states.shape[:2]:
+        raise ValueError(f"labels {tuple(labels.shape)} do not match hidden_states {tuple(hidden_states.shape[:2])}")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+
+    hidden_size = hidden_states.shape[-1]
+    labels = labels.to(hidden_states.device)
+    # Shift like transformers: pad one ignore at the end instead of slicing the hidden
+    # states, so the hidden can be flattened as a view (no [B, T-1, H] copy).
+    shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+    hidden_flat = hidden_states.reshape(-1, hidden_size)
+
+    idx = (shift_labels != IGNORE_INDEX).nonzero().squeeze(1)
+    n_valid = idx.numel()
+    rows = hidden_flat.index_select(0, idx)
+    targets = shift_labels.index_select(0, idx)
+
+    if n_valid > 0 and _liger_usable(lm_head, hidden_states, use_liger):
+        loss_sum = _liger_ce_sum(lm_head, rows, targets)
+    else:
+        n_chunks = _synced_num_chunks(math.ceil(n_valid / chunk_size), lm_head, hidden_states.device)
+        if n_valid == 0 and n_chunks == 0:
+            # Nothing to supervise. Still run the head on zero rows so every parameter
+            # that requires grad (decoder *and* LM head / its adapters) gets a (zero)
+            # gradient: DDP / DeepSpeed would otherwise wait for missing reductions.
+            empty = lm_head(hidden_flat[:0]).float().sum()
+            return (hidden_states.sum() * 0).float() + empty * 0
+        loss_sum = None
+        grad = torch.is_grad_enabled()
+        for i in range(n_chunks):
+            r = rows[i * chunk_size : (i + 1) * chunk_size]
+            t = targets[i * chunk_size : (i + 1) * chunk_size]
+            if grad:
+                part = checkpoint(_chunk_ce_sum, lm_head, r, t, use_reentrant=False)
+            else:
+                part = _chunk_ce_sum(lm_head, r, t)
+            loss_sum = part if loss_sum is None else loss_sum + part
+        if n_valid == 0:  # only possible with synced (ZeRO-3) empty chunks
+            return (hidden_states.sum() * 0).float() + loss_sum * 0
+
+    if num_items_in_batch is None:
+        return loss_sum / n_valid
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(loss_sum.device)
+    return loss_sum / num_items_in_batch

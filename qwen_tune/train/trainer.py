@@ -1,0 +1,105 @@
+"""A thin transformers.Trainer subclass: chunked loss, throughput logs, NaN guard, atomic checkpoints.
+
+Everything else (loop, optimizer, scheduler, gradient accumulation, DeepSpeed, resume) is the
+stock Trainer.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from .loss import causal_lm_loss
+
+COMPLETE_MARKER = "qwen_tune_complete"
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def latest_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest checkpoint-N whose save finished (a run killed mid-save leaves no marker)."""
+    best = None
+    for d in Path(output_dir).glob("checkpoint-*"):
+        m = _CKPT.match(d.name)
+        if m and (d / COMPLETE_MARKER).exists() and (best is None or int(m.group(1)) > best[0]):
+            best = (int(m.group(1)), d)
+    return str(best[1]) if best else None
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class QwenTrainer(Trainer):
+    def __init__(self, *args: Any, loss_mode: str = "chunked", loss_chunk_size: int = 2048, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.loss_mode = loss_mode
+        self.loss_chunk_size = loss_chunk_size
+        # Our loss divides by num_items_in_batch itself; tell the Trainer so it counts label tokens over the
+        # whole accumulation window and does not divide by the accumulation steps again.
+        self.model_accepts_loss_kwargs = True
+        self.label_tokens = 0  # trained (label) tokens seen by this process
+        self._start = time.perf_counter()
+        self._last = (self._start, 0)
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: torch.Tensor | int | None = None) -> Any:
+        labels = inputs["labels"]
+        self.label_tokens += int((labels[..., 1:] != -100).sum())
+        if self.loss_mode == "plain":
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inner = _unwrap(self.model)
+        captured: dict[str, torch.Tensor] = {}
+
+        def grab(_m: torch.nn.Module, _a: Any, out: Any) -> None:
+            captured["h"] = out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+        handle = inner.get_decoder().register_forward_hook(grab)
+        try:
+            # An empty logits_to_keep runs the LM head on zero rows: the loss below applies it chunk by chunk.
+            no_rows = torch.empty(0, dtype=torch.long, device=labels.device)
+            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=no_rows)
+        finally:
+            handle.remove()
+        loss = causal_lm_loss(captured["h"], inner.get_output_embeddings(), labels,
+                              num_items_in_batch=num_items_in_batch, chunk_size=self.loss_chunk_size)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # num_items_in_batch counts every process's tokens, while gradients are averaged across processes.
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # Checked before the optimizer step, so the weights (and the last checkpoint) stay good.
+        if not torch.isfinite(loss).all():
+            raise NonFiniteLossError(
+                f"loss became {loss.item()} at step {self.state.global_step + 1}; training stopped before the "
+                "optimizer step. The last checkpoint is intact: lower training.lr, check the data, or use bf16 "
+                "instead of fp16, then resume with output.resume_from_checkpoint=auto.")
+        return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            now = time.perf_counter()
+            seen = self.state.num_input_tokens_seen
+            t0, n0 = self._last
+            if now > t0 and seen:
+                logs["tokens_per_s"] = round((seen - n0) / (now - t0), 1)
+            self._last = (now, seen)
+        super().log(logs, start_time)
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            ckpt = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            (ckpt / COMPLETE_MARKER).write_text(str(self.state.global_step))

@@ -1,0 +1,68 @@
+"""Dynamic padding and padding-free packing give the same per-sample loss on a real tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from qwen_tune.data.collators import PackingCollator, PaddingCollator
+from qwen_tune.data.formats import Conversation
+from qwen_tune.data.template import IGNORE_INDEX, ChatMLEncoder
+
+
+@pytest.fixture(scope="module")
+def samples(tokenizer):
+    convs = [Conversation("a", [("user", "What is 2+2?"), ("assistant", "4")]),
+             Conversation("b", [("user", "Write a haiku about rain."), ("assistant", "Soft rain on the roof\nthe "
+                                "gutters hum a low song\nmorning smells of earth")]),
+             Conversation("c", [("user", "你好"), ("assistant", "你好！有什么可以帮你？"), ("user", "谢谢"),
+                                ("assistant", "不客气 😊")], system="Answer in Chinese.")]
+    return [{"input_ids": s.input_ids, "labels": s.labels} for s in ChatMLEncoder(tokenizer, 512).encode(convs)]
+
+
+def tiny_qwen2(attn: str) -> Qwen2ForCausalLM:
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, attn_implementation=attn)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def per_token_loss_sum(model, batch) -> float:
+    kwargs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**kwargs).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                             ignore_index=IGNORE_INDEX, reduction="sum").item()
+
+
+def test_padding_collator_shapes(samples):
+    batch = PaddingCollator(pad_id=151643, pad_to_multiple_of=8)(samples)
+    longest = max(len(s["input_ids"]) for s in samples)
+    assert batch["input_ids"].shape[1] == -(-longest // 8) * 8
+    for row, s in enumerate(samples):
+        n = len(s["input_ids"])
+        assert batch["input_ids"][row, :n].tolist() == s["input_ids"]
+        assert (batch["input_ids"][row, n:] == 151643).all() and (batch["labels"][row, n:] == IGNORE_INDEX).all()
+        assert batch["attention_mask"][row].sum() == n
+
+
+def test_packing_collator_layout(samples):
+    batch = PackingCollator(flash_attn_kwargs=True)(samples)
+    lens = [len(s["input_ids"]) for s in samples]
+    assert batch["input_ids"].shape == (1, sum(lens))
+    starts = [0, lens[0], lens[0] + lens[1]]
+    assert [int(batch["position_ids"][0, s]) for s in starts] == [0, 0, 0]
+    assert all(int(batch["labels"][0, s]) == IGNORE_INDEX for s in starts)
+    assert batch["cu_seq_lens_q"].tolist() == [0, *torch.tensor(lens).cumsum(0).tolist()]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_loss_equals_unpacked(samples, attn):
+    model = tiny_qwen2(attn)
+    with torch.no_grad():
+        separate = sum(per_token_loss_sum(model, PaddingCollator(151643)([s])) for s in samples)
+        padded = per_token_loss_sum(model, PaddingCollator(151643)(samples))
+        packed = per_token_loss_sum(model, PackingCollator()(samples))
+    assert packed == pytest.approx(separate, rel=1e-5)
+    assert padded == pytest.approx(separate, rel=1e-5)

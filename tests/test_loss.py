@@ -1,0 +1,243 @@
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from qwen_tune.train.loss import IGNORE_INDEX, causal_lm_loss, estimate_logits_bytes
+
+ATOL = 1e-5
+B, T, H, V = 2, 33, 16, 5000
+
+
+def _reference(hidden, lm_head, labels, num_items_in_batch=None):
+    """Plain full-logits loss, written like transformers' ForCausalLMLoss."""
+    logits = lm_head(hidden).float()
+    shift = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+    red = "mean" if num_items_in_batch is None else "sum"
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), shift.reshape(-1), reduction=red)
+    return loss if num_items_in_batch is None else loss / num_items_in_batch
+
+
+def _labels(gen, ignore_frac=0.3):
+    labels = torch.randint(0, V, (B, T), generator=gen)
+    labels[torch.rand(B, T, generator=gen) < ignore_frac] = IGNORE_INDEX
+    labels[:, :5] = IGNORE_INDEX  # a "prompt"
+    return labels
+
+
+def _loss_and_grads(fn, hidden, head, labels, **kw):
+    h = hidden.detach().clone().requires_grad_(True)
+    head.zero_grad(set_to_none=True)
+    loss = fn(h, head, labels, **kw)
+    loss.backward()
+    return loss.detach(), h.grad, {n: p.grad.clone() for n, p in head.named_parameters() if p.grad is not None}
+
+
+@pytest.fixture
+def setup():
+    gen = torch.Generator().manual_seed(0)
+    head = nn.Linear(H, V, bias=False)
+    hidden = torch.randn(B, T, H, generator=gen)
+    return head, hidden, _labels(gen), gen
+
+
+def _assert_same(a, b):
+    la, ha, pa = a
+    lb, hb, pb = b
+    torch.testing.assert_close(la, lb, atol=ATOL, rtol=0)
+    torch.testing.assert_close(ha, hb, atol=ATOL, rtol=0)
+    assert pa.keys() == pb.keys() and pa
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 7, 16, 2048])
+def test_matches_full_logits(setup, chunk_size):
+    head, hidden, labels, _ = setup
+    n_valid = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    assert n_valid % 5 and n_valid % 7  # chunk sizes that don't divide the row count
+    ref = _loss_and_grads(_reference, hidden, head, labels)
+    got = _loss_and_grads(causal_lm_loss, hidden, head, labels, chunk_size=chunk_size, use_liger=False)
+    _assert_same(got, ref)
+
+
+def test_head_sees_only_supervised_rows_in_chunks(setup):
+    head, hidden, labels, _ = setup
+    n_valid = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    rows_seen = []
+    handle = head.register_forward_hook(lambda m, args, out: rows_seen.append(args[0].shape[0]))
+    try:
+        causal_lm_loss(hidden.requires_grad_(), head, labels, chunk_size=7).backward()
+    finally:
+        handle.remove()
+    fwd = [7] * (n_valid // 7) + [n_valid % 7]
+    assert rows_seen[: len(fwd)] == fwd  # forward: only supervised rows, chunk by chunk
+    assert sorted(rows_seen[len(fwd) :]) == sorted(fwd)  # backward: each chunk recomputed once
+
+
+def test_bias_head_and_num_items_in_batch(setup):
+    _, hidden, labels, _ = setup
+    head = nn.Linear(H, V, bias=True)
+    for n in (1234, torch.tensor(1234)):
+        ref = _loss_and_grads(_reference, hidden, head, labels, num_items_in_batch=n)
+        got = _loss_and_grads(causal_lm_loss, hidden, head, labels, num_items_in_batch=n, chunk_size=10)
+        _assert_same(got, ref)
+        assert set(got[2]) == {"weight", "bias"}
+
+
+def test_all_ignored_is_connected_zero(setup):
+    head, hidden, _, _ = setup
+    labels = torch.full((B, T), IGNORE_INDEX)
+    labels[:, 0] = 3  # first position is never a target after the shift
+    h = hidden.clone().requires_grad_(True)
+    loss = causal_lm_loss(h, head, labels, num_items_in_batch=5)
+    assert loss.item() == 0.0 and loss.requires_grad and loss.dtype == torch.float32
+    loss.backward()
+    assert torch.count_nonzero(h.grad) == 0
+    assert head.weight.grad is not None and torch.count_nonzero(head.weight.grad) == 0
+
+
+def test_no_grad_and_single_token():
+    head = nn.Linear(H, V, bias=False)
+    with torch.no_grad():
+        assert causal_lm_loss(torch.randn(1, 1, H), head, torch.tensor([[5]])).item() == 0.0
+        hidden, labels = torch.randn(1, 4, H), torch.tensor([[1, 2, 3, 4]])
+        torch.testing.assert_close(causal_lm_loss(hidden, head, labels, chunk_size=2), _reference(hidden, head, labels))
+
+
+def test_packed_labels(setup):
+    """Packed rows: several sequences in one row, each boundary token ignored."""
+    head, hidden, _, gen = setup
+    labels = torch.randint(0, V, (B, T), generator=gen)
+    for b, starts in enumerate([(0, 9, 20), (0, 14, 15, 30)]):
+        for s in starts:
+            labels[b, s] = IGNORE_INDEX  # first token of each packed sequence
+        labels[b, starts[1] - 3 : starts[1]] = IGNORE_INDEX  # some prompt/pad tokens
+    ref = _loss_and_grads(_reference, hidden, head, labels, num_items_in_batch=100)
+    got = _loss_and_grads(causal_lm_loss, hidden, head, labels, num_items_in_batch=100, chunk_size=13)
+    _assert_same(got, ref)
+
+
+def test_bad_arguments(setup):
+    head, hidden, labels, _ = setup
+    with pytest.raises(ValueError):
+        causal_lm_loss(hidden, head, labels, chunk_size=0)
+    with pytest.raises(ValueError):
+        causal_lm_loss(hidden, head, labels[:, :-1])
+
+
+def test_liger_falls_back_off_cuda(setup):
+    head, hidden, labels, _ = setup
+    with pytest.warns(UserWarning, match="liger"):
+        got = causal_lm_loss(hidden, head, labels, use_liger=True, chunk_size=9)
+    torch.testing.assert_close(got, _reference(hidden, head, labels), atol=ATOL, rtol=0)
+
+
+def test_estimate_logits_bytes():
+    assert estimate_logits_bytes(8192, 151_936, None) == 8192 * 151_936 * 4 * 2
+    assert estimate_logits_bytes(8192, 151_936, 2048) == 2048 * 151_936 * 4 * 2
+    assert estimate_logits_bytes(100, 10, 2048) == 100 * 10 * 8
+    assert estimate_logits_bytes(0, 10, 2048) == 0
+
+
+def test_saved_for_backward_is_structurally_small():
+    """The plain path saves O(N*V) fp32 for backward; the chunked one only O(N*H)."""
+    vocab, n, h = 20_000, 256, 32
+    head = nn.Linear(h, vocab, bias=False)
+    hidden = torch.randn(1, n + 1, h, requires_grad=True)
+    labels = torch.randint(0, vocab, (1, n + 1))
+
+    def saved_bytes(fn, **kw):
+        seen = {}
+
+        def pack(t):
+            seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = fn(hidden, head, labels, **kw)
+        loss.backward()
+        return sum(seen.values())
+
+    logits_bytes = n * vocab * 4
+    plain = saved_bytes(_reference)
+    chunked = saved_bytes(causal_lm_loss, chunk_size=64)
+    assert plain >= logits_bytes
+    assert chunked < logits_bytes / 50
+    assert chunked < estimate_logits_bytes(n, vocab, 64)
+
+
+# ------------------------------------------------------------------ transformers / peft
+
+
+def _tiny_qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(
+        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2,
+    )
+    model = Qwen2ForCausalLM(cfg).eval()
+    gen = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, 1000, (2, 24), generator=gen)
+    labels = input_ids.clone()
+    labels[:, :6] = IGNORE_INDEX
+    labels[1, 18:] = IGNORE_INDEX
+    return model, input_ids, labels
+
+
+def _model_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _compare_with_hf(model, backbone, head, input_ids, labels, **kw):
+    model.zero_grad(set_to_none=True)
+    ref = model(input_ids=input_ids, labels=labels, **kw).loss
+    ref.backward()
+    ref_grads = _model_grads(model)
+
+    model.zero_grad(set_to_none=True)
+    hidden = backbone(input_ids=input_ids).last_hidden_state
+    loss = causal_lm_loss(hidden, head, labels, chunk_size=5, **kw)
+    loss.backward()
+    grads = _model_grads(model)
+
+    torch.testing.assert_close(loss, ref, atol=ATOL, rtol=0)
+    assert grads.keys() == ref_grads.keys()
+    for k in grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], atol=ATOL, rtol=0)
+    return grads
+
+
+def test_qwen2_model_loss_and_grads():
+    model, input_ids, labels = _tiny_qwen2()
+    for kw in ({}, {"num_items_in_batch": torch.tensor(50)}):
+        grads = _compare_with_hf(model, model.model, model.lm_head, input_ids, labels, **kw)
+        assert "lm_head.weight" in grads
+
+
+@pytest.mark.parametrize("mode", ["lora", "modules_to_save"])
+def test_peft_wrapped_lm_head(mode):
+    from peft import LoraConfig, get_peft_model
+
+    model, input_ids, labels = _tiny_qwen2()
+    if mode == "lora":
+        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
+    else:
+        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    peft_model = get_peft_model(model, cfg)
+    inner = peft_model.base_model.model
+    # Perturb the trainable copy so a loss computed with the frozen original would differ.
+    if mode == "modules_to_save":
+        with torch.no_grad():
+            inner.lm_head.modules_to_save["default"].weight.mul_(1.5)
+
+    grads = _compare_with_hf(peft_model, inner.model, inner.lm_head, input_ids, labels)
+    head_grads = {k for k in grads if "lm_head" in k}
+    if mode == "lora":
+        assert any("lm_head.lora_A" in k for k in head_grads)
+        assert any("lm_head.lora_B" in k for k in head_grads)
+        assert not any("base_layer" in k for k in head_grads)
+    else:
+        assert head_grads and all("modules_to_save" in k for k in head_grads)
