@@ -30,7 +30,8 @@ def tiny_qwen2(attn: str) -> Qwen2ForCausalLM:
 
 def per_token_loss_sum(model, batch) -> float:
     kwargs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**kwargs).logits[:, :-1].float()
+    # Without a KV cache, as in training: transformers only reads packed position_ids when no cache is used.
+    logits = model(**kwargs, use_cache=False).logits[:, :-1].float()
     labels = batch["labels"][:, 1:]
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
                                              ignore_index=IGNORE_INDEX, reduction="sum").item()

@@ -144,6 +144,6 @@ def test_mixing_weights_and_eval_split(tmp_path, tokenizer):
                                DatasetSpec(path=write("b.json", 10), weight=0.5)],
                      eval_split_ratio=0.2, cache_dir=str(tmp_path / "c"))
     data = prepare_data(cfg, tokenizer)
-    ids = data.train["id"] + data.eval["id"]
+    ids = list(data.train["id"]) + list(data.eval["id"])
     assert len(ids) == 25 and sum(i.startswith("a.json") for i in ids) == 20
     assert len(data.eval) == 5

@@ -38,12 +38,13 @@ def lora_modules_to_save(recipe: Recipe, family: Family, is_chat: bool) -> list[
 def apply_method(model: PreTrainedModel, recipe: Recipe, family: Family, is_chat: bool) -> torch.nn.Module:
     """Freeze/wrap the model for the recipe's method; returns the model the Trainer trains."""
     gc = recipe.training.gradient_checkpointing
+    # Training never needs a KV cache, and transformers ignores packed position_ids when one is built.
+    model.config.use_cache = False
     if recipe.method == "full":
         for name, p in model.named_parameters():
             p.requires_grad = not any(pat in name for pat in recipe.training.freeze)
         if gc:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = False
         return model
 
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -55,7 +56,6 @@ def apply_method(model: PreTrainedModel, recipe: Recipe, family: Family, is_chat
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # With frozen embeddings no input requires grad, and checkpointed blocks would get no gradient.
         model.enable_input_require_grads()
-    model.config.use_cache = False
     targets: Any = recipe.lora.target_modules
     if targets == "auto":
         targets = list(family.lora_targets)

@@ -1,0 +1,22 @@
+"""Bundled Qwen-1 architecture. Importing this package registers it with the transformers Auto classes."""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .configuration_qwen import QWenConfig
+from .modeling_qwen import QWenLMHeadModel, QWenModel, QWenPreTrainedModel
+
+
+def register() -> None:
+    """Register model_type "qwen" with AutoConfig / AutoModel / AutoModelForCausalLM. Safe to call repeatedly.
+
+    Registered (local) classes take precedence over a checkpoint's ``auto_map``: without ``trust_remote_code``,
+    ``AutoModelForCausalLM.from_pretrained`` on an original Qwen-1 checkpoint builds the bundled classes.
+    """
+    AutoConfig.register("qwen", QWenConfig, exist_ok=True)
+    AutoModel.register(QWenConfig, QWenModel, exist_ok=True)
+    AutoModelForCausalLM.register(QWenConfig, QWenLMHeadModel, exist_ok=True)
+
+
+register()
+
+__all__ = ["QWenConfig", "QWenModel", "QWenLMHeadModel", "QWenPreTrainedModel", "register"]
