@@ -159,19 +159,40 @@ def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
+# Names users bring from transformers' TrainingArguments and Qwen's finetune.py.
+_ALIASES = {
+    "learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "lr_scheduler_type": "scheduler", "model_max_length": "max_len",
+    "output_dir": "dir", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "lora_target_modules": "target_modules",
+    "model_name_or_path": "path", "data_path": "path", "eval_data_path": "eval_path", "use_lora": "method",
+    "q_lora": "method", "bf16": "precision", "fp16": "precision", "save_total_limit": "save_total_limit",
+}
+
+
+def _closest_key(loc: str, valid: list[str]) -> str | None:
+    parent, _, leaf = loc.rpartition(".")
+    siblings = [k.rpartition(".")[2] for k in valid if k.rpartition(".")[0] == parent]
+    if _ALIASES.get(leaf) in siblings:
+        return f"{parent}.{_ALIASES[leaf]}" if parent else _ALIASES[leaf]
+    # A key in the wrong section (`training.max_len` -> `data.max_len`) before a fuzzy match.
+    anywhere = [k for k in valid if k.rpartition(".")[2] in (leaf, _ALIASES.get(leaf))]
+    if anywhere:
+        return anywhere[0]
+    near = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.6)
+    if near:
+        return f"{parent}.{near[0]}" if parent else near[0]
+    close = difflib.get_close_matches(loc, valid, n=1, cutoff=0.5)
+    return close[0] if close else None
+
+
 def _format_errors(e: ValidationError, source: str) -> str:
     valid = _all_keys(Recipe) + [f"data.{k}" for k in ("path", "eval_path")]
     lines = []
     for err in e.errors():
         loc = ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(loc, valid, n=1, cutoff=0.5)
-            if not close:  # compare the last segment too: `training.learning_rate` -> `training.lr`
-                parent, _, leaf = loc.rpartition(".")
-                siblings = [k.rpartition(".")[2] for k in valid if k.rpartition(".")[0] == parent]
-                near = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.4)
-                close = [f"{parent}.{near[0]}" if parent else near[0]] if near else []
-            hint = f"; did you mean `{close[0]}`?" if close else ""
+            close = _closest_key(loc, valid)
+            hint = f"; did you mean `{close}`?" if close else ""
             lines.append(f"{source}: unknown key `{loc}`{hint}")
         else:
             got = err.get("input")

@@ -6,6 +6,7 @@ stock Trainer.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import time
@@ -96,6 +97,17 @@ class QwenTrainer(Trainer):
                 logs["tokens_per_s"] = round((seen - n0) / (now - t0), 1)
             self._last = (now, seen)
         super().log(logs, start_time)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # With LoRA on lm_head, peft's "auto" mode also saves the full base embedding matrices (it assumes the
+        # vocabulary was resized). qwen-tune never resizes it, so keep adapters small.
+        model = self.model
+        if hasattr(model, "peft_config"):
+            model.save_pretrained = functools.partial(type(model).save_pretrained, model, save_embedding_layers=False)
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            model.__dict__.pop("save_pretrained", None)
 
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
         super()._save_checkpoint(model, trial)

@@ -1,0 +1,101 @@
+"""`qwen-tune chat`: try a fine-tuned model with the same ChatML template it was trained on."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from ..data.template import DEFAULT_SYSTEM
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chat", help="generate with a model (+ optional LoRA adapter), one-shot or interactive")
+    p.add_argument("--model", required=True, help="checkpoint dir (a merged or full fine-tune, or the adapter's base)")
+    p.add_argument("--adapter", default=None, help="LoRA adapter dir to apply on top of --model")
+    p.add_argument("--prompt", "-p", default=None, help="one-shot prompt; omit for an interactive session")
+    p.add_argument("--system", default=DEFAULT_SYSTEM)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.set_defaults(func=cmd_chat)
+
+
+def build_prompt_ids(tokenizer: Any, system: str, history: list[tuple[str, str]]) -> list[int]:
+    """ChatML ids of the conversation so far plus an open assistant header, as in training."""
+    from ..data.formats import Conversation
+    from ..data.template import ChatMLEncoder
+
+    enc = ChatMLEncoder(tokenizer, max_len=10**9, default_system=system)
+    # Encode with a placeholder answer, then cut the answer and its closing tokens off.
+    sample = enc.encode([Conversation("chat", history + [("assistant", "")], system)])[0]
+    return sample.input_ids[: -(1 + len(enc.nl))]
+
+
+def load_for_chat(model_dir: str, adapter: str | None) -> tuple[Any, Any]:
+    import torch
+
+    from ..models.loading import load_model
+
+    dtype = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    loaded = load_model(model_dir, dtype=dtype)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    if adapter:
+        from peft import PeftModel
+
+        from ..data.tokenizer import load_tokenizer
+
+        model = PeftModel.from_pretrained(model, adapter)
+        tokenizer = load_tokenizer(adapter) if _has_tokenizer(adapter) else tokenizer
+    if torch.cuda.is_available():
+        model = model.cuda()
+    return model.eval(), tokenizer
+
+
+def _has_tokenizer(path: str) -> bool:
+    from pathlib import Path
+
+    return any((Path(path) / f).exists() for f in ("tokenizer.json", "qwen.tiktoken", "tokenizer_config.json"))
+
+
+def generate(model: Any, tokenizer: Any, ids: list[int], max_new_tokens: int, temperature: float) -> str:
+    import torch
+
+    from ..data.tokenizer import ENDOFTEXT, IM_END
+
+    stop = [tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids(ENDOFTEXT)]
+    vocab = model.get_input_embeddings().weight.shape[0]
+    # Embedding rows past the tokenizer's vocabulary are padding: never sample them.
+    suppress = list(range(len(tokenizer), vocab)) or None
+    inputs = torch.tensor([ids], device=model.device)
+    with torch.no_grad():
+        out = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=max_new_tokens,
+                             do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
+                             top_p=None, top_k=None, eos_token_id=stop, pad_token_id=stop[-1],
+                             suppress_tokens=suppress)
+    return tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    model, tokenizer = load_for_chat(args.model, args.adapter)
+    history: list[tuple[str, str]] = []
+    if args.prompt is not None:
+        ids = build_prompt_ids(tokenizer, args.system, [("user", args.prompt)])
+        print(generate(model, tokenizer, ids, args.max_new_tokens, args.temperature))
+        return 0
+    print("interactive chat: empty line or Ctrl-D to quit, /reset to clear history", file=sys.stderr)
+    while True:
+        try:
+            line = input("user> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        if line == "/reset":
+            history = []
+            continue
+        history.append(("user", line))
+        answer = generate(model, tokenizer, build_prompt_ids(tokenizer, args.system, history),
+                          args.max_new_tokens, args.temperature)
+        print(f"assistant> {answer}")
+        history.append(("assistant", answer))
+    return 0
