@@ -147,3 +147,23 @@ def test_mixing_weights_and_eval_split(tmp_path, tokenizer):
     ids = list(data.train["id"]) + list(data.eval["id"])
     assert len(ids) == 25 and sum(i.startswith("a.json") for i in ids) == 20
     assert len(data.eval) == 5
+
+
+def test_hf_save_to_disk_dataset_and_streaming_mode(tmp_path, tokenizer):
+    import datasets
+
+    rows = [{"id": f"r{i}", "conversations": [{"from": "user", "value": f"q{i}"},
+                                              {"from": "assistant", "value": f"a{i}"}]} for i in range(6)]
+    rows.append({"id": "bad", "conversations": [{"from": "user", "value": "no answer"}]})
+    disk = tmp_path / "hf_ds"
+    datasets.Dataset.from_list(rows).save_to_disk(str(disk))
+    cfg = DataConfig(datasets=[DatasetSpec(path=str(disk))], cache_dir=str(tmp_path / "c"))
+    data = prepare_data(cfg, tokenizer)
+    assert len(data.train) == 6 and data.reports[0].skipped == {"no_assistant_turn": 1}
+    # Streaming: the same samples, encoded lazily.
+    jsonl = tmp_path / "s.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows))
+    stream = prepare_data(DataConfig(datasets=[DatasetSpec(path=str(jsonl))], streaming=True), tokenizer)
+    streamed = list(stream.train)
+    assert [s["id"] for s in streamed] == [f"r{i}" for i in range(6)]
+    assert [s["input_ids"] for s in streamed] == list(data.train["input_ids"])

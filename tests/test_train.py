@@ -173,3 +173,23 @@ def test_bundled_recipe_lookup_and_listing(capsys):
         assert name in out
     with pytest.raises(ConfigError, match="not found"):
         load_recipe("no_such_recipe")
+
+
+def test_nan_loss_stops_before_the_optimizer_step(bases, small_data, tmp_path, capsys):
+    out = tmp_path / "nan"
+    common = [f"model.path={bases['chat']}", f"data.path={small_data}", f"output.dir={out}", "method=full",
+              "data.max_len=128", "training.batch_size=2", "training.grad_accum=1", "training.warmup_ratio=0",
+              "training.gradient_checkpointing=false", "output.report_to=[]", "output.save_steps=1",
+              "training.max_grad_norm=0", "training.scheduler=constant"]
+    # A huge learning rate blows the weights up after the first updates; the loss then becomes non-finite.
+    rc = run_cli("train", "--recipe", "full", *common, "training.lr=1e30", "training.max_steps=8")
+    err = capsys.readouterr().err
+    assert rc == 3 and "loss became" in err and "last checkpoint is intact" in err
+    from qwen_tune.train.trainer import latest_complete_checkpoint
+
+    ckpt = latest_complete_checkpoint(out)
+    step = int(err.split("at step ")[1].split(";")[0])
+    # Every step before the bad one was saved; the bad step was neither applied nor saved.
+    assert ckpt == str(out / f"checkpoint-{step - 1}") and not (out / f"checkpoint-{step}").exists()
+    weights = load_file(Path(ckpt) / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in weights.values())
