@@ -281,3 +281,16 @@ def test_loss_matches_manual_shifted_cross_entropy():
     # num_items_in_batch (Trainer's gradient accumulation) turns the mean into sum / num_items.
     summed = F.cross_entropy(logits, targets, ignore_index=-100, reduction="sum")
     torch.testing.assert_close(model(ids, labels=labels, num_items_in_batch=40).loss, summed / 40)
+
+
+def test_auto_tokenizer_resolves_qwen1_checkpoint(tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from qwen_tune.data.tokenizer import QWenTokenizer, load_tokenizer
+
+    load_tokenizer(None).save_pretrained(tmp_path)
+    shutil.copy(FIXTURE / "model" / "config.json", tmp_path / "config.json")
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    assert isinstance(tok, QWenTokenizer) and tok.encode("hello<|im_end|>")[-1] == 151645

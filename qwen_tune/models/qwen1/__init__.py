@@ -1,13 +1,15 @@
 """Bundled Qwen-1 architecture. Importing this package registers it with the transformers Auto classes."""
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+from ...data.tokenizer import QWenTokenizer
 
 from .configuration_qwen import QWenConfig
 from .modeling_qwen import QWenLMHeadModel, QWenModel, QWenPreTrainedModel
 
 
 def register() -> None:
-    """Register model_type "qwen" with AutoConfig / AutoModel / AutoModelForCausalLM. Safe to call repeatedly.
+    """Register model_type "qwen" with AutoConfig / AutoModel / AutoModelForCausalLM / AutoTokenizer. Idempotent.
 
     Registered (local) classes take precedence over a checkpoint's ``auto_map``: without ``trust_remote_code``,
     ``AutoModelForCausalLM.from_pretrained`` on an original Qwen-1 checkpoint builds the bundled classes.
@@ -15,6 +17,7 @@ def register() -> None:
     AutoConfig.register("qwen", QWenConfig, exist_ok=True)
     AutoModel.register(QWenConfig, QWenModel, exist_ok=True)
     AutoModelForCausalLM.register(QWenConfig, QWenLMHeadModel, exist_ok=True)
+    AutoTokenizer.register(QWenConfig, slow_tokenizer_class=QWenTokenizer, exist_ok=True)
 
 
 register()
