@@ -15,19 +15,23 @@ class Family:
     lm_head: str = "lm_head"
 
 
-_QWEN2_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# Qwen3.5 / Qwen3-Next mix full attention with gated linear-attention (Gated DeltaNet) layers.
-_HYBRID_LINEARS = _QWEN2_LINEARS + ("in_proj_qkv", "in_proj_z", "in_proj_qkvz", "out_proj")
+_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+_QWEN2_LINEARS = _ATTN + ("gate_proj", "up_proj", "down_proj")
+# In transformers 5 the routed experts of MoE models are fused 3-D parameters, not nn.Linear: LoRA on them
+# multiplies adapter size by the expert count (and peft then refuses dropout). Defaults stay on attention;
+# name expert parameters in lora.target_modules to train them too.
+_QWEN3_NEXT_LINEARS = _ATTN + ("in_proj_qkvz", "in_proj_ba", "out_proj")  # + Gated DeltaNet projections
+_QWEN3_5_LINEAR_ATTN = ("in_proj_qkv", "in_proj_z", "out_proj")
 
 FAMILIES: dict[str, Family] = {
     "qwen": Family("qwen", ("c_attn", "c_proj", "w1", "w2"), "wte"),
     "qwen2": Family("qwen2", _QWEN2_LINEARS, "embed_tokens"),
-    "qwen2_moe": Family("qwen2_moe", _QWEN2_LINEARS, "embed_tokens"),
+    "qwen2_moe": Family("qwen2_moe", _ATTN, "embed_tokens"),
     "qwen3": Family("qwen3", _QWEN2_LINEARS, "embed_tokens"),
-    "qwen3_moe": Family("qwen3_moe", _QWEN2_LINEARS, "embed_tokens"),
-    "qwen3_next": Family("qwen3_next", _HYBRID_LINEARS, "embed_tokens"),
-    "qwen3_5_text": Family("qwen3_5_text", _HYBRID_LINEARS, "embed_tokens"),
-    "qwen3_5_moe_text": Family("qwen3_5_moe_text", _HYBRID_LINEARS, "embed_tokens"),
+    "qwen3_moe": Family("qwen3_moe", _ATTN, "embed_tokens"),
+    "qwen3_next": Family("qwen3_next", _QWEN3_NEXT_LINEARS, "embed_tokens"),
+    "qwen3_5_text": Family("qwen3_5_text", _QWEN2_LINEARS + _QWEN3_5_LINEAR_ATTN, "embed_tokens"),
+    "qwen3_5_moe_text": Family("qwen3_5_moe_text", _ATTN + _QWEN3_5_LINEAR_ATTN, "embed_tokens"),
 }
 
 
