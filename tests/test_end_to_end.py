@@ -84,3 +84,17 @@ def test_qwen2_base_model_adapter_with_embeddings_merges(tmp_path):
     orig = load_file(base / "model.safetensors")
     assert not torch.equal(weights["model.embed_tokens.weight"], orig["model.embed_tokens.weight"])
     assert (merged / "tokenizer.json").exists() and (merged / "NOTICE.txt").exists()
+
+
+def test_chat_prompt_matches_training_template_and_cli_runs(tmp_path, capsys, tokenizer):
+    from qwen_tune.cli.chat import build_prompt_ids
+
+    ids = build_prompt_ids(tokenizer, "You are a helpful assistant.", [("user", "Hello")])
+    assert tokenizer.decode(ids) == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+                                     "<|im_start|>user\nHello<|im_end|>\n<|im_start|>assistant\n")
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(QWEN1))
+    base = build_from_config(cfg, tmp_path / "base", seed=3)
+    assert run_cli("chat", "--model", str(base), "-p", "Hello", "--max-new-tokens", "4") == 0
+    reply = capsys.readouterr().out
+    assert reply.endswith("\n") and len(tokenizer.encode(reply.strip())) <= 4 * 2
