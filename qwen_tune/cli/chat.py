@@ -40,11 +40,10 @@ def load_for_chat(model_dir: str, adapter: str | None) -> tuple[Any, Any]:
     loaded = load_model(model_dir, dtype=dtype)
     model, tokenizer = loaded.model, loaded.tokenizer
     if adapter:
-        from peft import PeftModel
-
         from ..data.tokenizer import load_tokenizer
+        from ..train.quant import load_adapter  # knows qwen-tune's GPTQ layers too
 
-        model = PeftModel.from_pretrained(model, adapter)
+        model = load_adapter(model, adapter)
         tokenizer = load_tokenizer(adapter) if _has_tokenizer(adapter) else tokenizer
     if torch.cuda.is_available():
         model = model.cuda()

@@ -4,8 +4,9 @@ Steps (:func:`merge_adapter`):
 
 1. Read the adapter (``adapter_config.json``, its weights, qwen-tune's recipe when present) and find the base:
    ``--base`` or the adapter's ``base_model_name_or_path``. Quantized bases: an adapter trained with Q-LoRA merges
-   onto the full-precision weights (nf4 quantizes on load, so the recorded base already is full precision; a GPTQ
-   base needs ``--base`` with the original checkpoint, or :func:`dequantized_base`, not implemented yet).
+   onto full-precision weights: nf4 quantizes on load, so the recorded base already is full precision; a GPTQ
+   base is dequantized (:func:`dequantized_base`, exactly the weights the adapter was trained against, cached), or
+   ``--base`` names the original full-precision checkpoint instead.
 2. Refuse early what cannot work: a non-empty output (without ``overwrite``), too little free disk, an output that
    would replace the base or the adapter, an invalid shard size.
 3. Load the base in fp32, check that the adapter fits it (every LoRA module exists with the right shapes, saved
@@ -75,7 +76,7 @@ _TOKENIZER_MARKERS = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
 # Written by the merge itself (config/generation config from the base's own files), or not part of a model.
 _NEVER_COPY = frozenset({"config.json", "generation_config.json", ADAPTER_CONFIG, *ADAPTER_WEIGHTS,
-                         "quantize_config.json", MERGE_INFO, FAILED_MARKER})
+                         "quantize_config.json", MERGE_INFO, FAILED_MARKER, "qwen_tune_dequantized.json"})
 _SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -200,18 +201,67 @@ def _quantization(base: Path) -> dict[str, Any] | None:
     return q if isinstance(q, dict) else None
 
 
+DEQUANT_MARKER = "qwen_tune_dequantized.json"
+
+
+def _dequant_cache_root() -> Path:
+    return Path(os.environ.get("QWEN_TUNE_CACHE", Path.home() / ".cache" / "qwen_tune")) / "dequantized"
+
+
 def dequantized_base(path: str | os.PathLike) -> Path:
     """A full-precision checkpoint directory equivalent to the GPTQ checkpoint at ``path``.
 
-    TODO(qlora): dequantize the GPTQ Int4 weights (qweight/qzeros/scales/g_idx -> fp16 Linear weights), write a
-    plain checkpoint (config without ``quantization_config``, tokenizer and extra files copied) into a cache
-    directory and return it; :func:`merge_adapter` then merges onto it like onto any base. Until then merging onto a
-    GPTQ base needs the original full-precision checkpoint via ``--base``.
+    Every GPTQ layer becomes the nn.Linear weight it computes with (``scales * (q - zero)``, v1 and v2 zero points,
+    any g_idx), in the checkpoint's own dtype (fp16 for Qwen's Int4 releases); the config loses
+    ``quantization_config``; tokenizer, generation config and every other file are copied. Written once into
+    ``$QWEN_TUNE_CACHE/dequantized/<name>-<hash of the checkpoint's files>`` and reused (delete it to reclaim disk).
     """
-    raise ConfigError(
-        f"{path} is a GPTQ-quantized checkpoint and merging onto a dequantized GPTQ base is not implemented yet: "
-        "pass --base DIR with the full-precision checkpoint it was quantized from (e.g. Qwen/Qwen-7B-Chat for "
-        "Qwen-7B-Chat-Int4); the merged model is then full precision")
+    import hashlib
+
+    from ..models.gptq import GPTQError, dequantize_checkpoint
+
+    src = Path(path)
+    weights = _weight_files(src) if src.is_dir() else []
+    if not weights:
+        raise ConfigError(f"{src} is a GPTQ-quantized checkpoint without weight files to dequantize: pass --base DIR "
+                          "with the full-precision checkpoint it was quantized from")
+    h = hashlib.sha256(str(src.resolve()).encode())
+    for f in sorted(src.iterdir()):
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    dst = _dequant_cache_root() / f"{src.resolve().name}-{h.hexdigest()[:16]}"
+    if (dst / DEQUANT_MARKER).is_file() and (dst / "config.json").is_file():
+        log.info("dequantized GPTQ base: reusing %s", dst)
+        return dst
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    _check_disk(dst, _dequantized_bytes(src, weights))
+    log.info("dequantizing the GPTQ checkpoint %s into %s", src, dst)
+    try:
+        dequantize_checkpoint(src, dst)
+    except GPTQError as e:
+        raise ConfigError(f"{e}; or pass --base DIR with the full-precision checkpoint it was quantized from") from None
+    (dst / DEQUANT_MARKER).write_text(json.dumps({"source": str(src.resolve())}, indent=2) + "\n", encoding="utf-8")
+    return dst
+
+
+def _dequantized_bytes(src: Path, weights: list[Path]) -> int:
+    """Bytes of the dequantized weights: each qweight word holds 32/bits weights, stored at the checkpoint's dtype."""
+    q = _quantization(src) or {}
+    per_word = 32 // int(q.get("bits", 4))
+    width = DTYPE_BYTES[_config_dtype(_read_json(src / "config.json"))]
+    total = 0
+    for f in weights:
+        if f.suffix != ".safetensors":
+            total += f.stat().st_size * 8  # a pessimistic guess for .bin files
+            continue
+        for name, shape in _tensor_shapes(f).items():
+            n = int(torch.Size(shape).numel())
+            if name.endswith(".qweight"):
+                total += n * per_word * width
+            elif not name.endswith((".qzeros", ".scales", ".g_idx")):
+                total += n * width
+    return int(total * 1.02) + 16 * 2**20
 
 
 def _trained_quantized(adapter: _Adapter, recorded_base: Path | None) -> str | None:
@@ -238,10 +288,16 @@ def _full_precision_base(adapter: _Adapter, base: Path, notes: list[str]) -> Pat
     if q is not None:
         kind = str(q.get("quant_method", "quantized"))
         if kind == "gptq":
+            gptq_src = base
             base = dequantized_base(base)
-        else:
-            raise ConfigError(f"{base} is a {kind}-quantized checkpoint: pass --base DIR with the full-precision "
-                              "checkpoint to merge onto")
+            msg = (f"merging onto the GPTQ base {gptq_src} dequantized ({base}): exactly the weights the adapter was "
+                   "trained against, so the merged model reproduces the Q-LoRA model (verified below); run "
+                   "`qwen-tune quantize` on the merged model for an Int4 checkpoint again")
+            log.info(msg)
+            notes.append(msg)
+            return base
+        raise ConfigError(f"{base} is a {kind}-quantized checkpoint: pass --base DIR with the full-precision "
+                          "checkpoint to merge onto")
     if trained_q:
         msg = (f"the adapter was trained with Q-LoRA on a quantized ({trained_q}) base; merging it onto the "
                f"full-precision base {base}: the result is a full-precision model (base + LoRA delta), which matches "

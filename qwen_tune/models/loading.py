@@ -107,8 +107,25 @@ def load_model(path: str | Path, *, dtype: str = "fp32", attn_implementation: st
 
     path = Path(path)
     family = get_family(read_model_type(path))
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], attn_implementation=attn_implementation,
-                                                 **from_pretrained_kwargs)
+    # GPTQ checkpoints: transformers' integration (optimum + gptqmodel) when installed or asked for through a
+    # quantization_config, else qwen-tune's PyTorch dequantizing layers (gptq_backend="torch").
+    from .gptq import (GPTQError, config_json_quantization, gptqmodel_available, has_gptq_tensors, load_gptq_model,
+                       read_quantization_config)
+
+    backend = from_pretrained_kwargs.pop("gptq_backend", None)
+    q = read_quantization_config(path)
+    if q is None and has_gptq_tensors(path):  # transformers would load it with randomly initialized linears
+        raise GPTQError(f"{path} holds GPTQ tensors (qweight/qzeros/scales) but no quantization config: restore "
+                        "config.json's `quantization_config` or `quantize_config.json` from its release")
+    if (backend is None and "quantization_config" not in from_pretrained_kwargs and q
+            and str(q.get("quant_method", "")).lower() == "gptq"
+            and (not gptqmodel_available() or config_json_quantization(path) is None)):
+        backend = "torch"  # transformers reads only config.json's quantization_config, and needs gptqmodel
+    if backend == "torch":
+        model = load_gptq_model(path, dtype=DTYPES[dtype], attn_implementation=attn_implementation)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], attn_implementation=attn_implementation,
+                                                     **from_pretrained_kwargs)
     tokenizer = load_tokenizer(tokenizer_path or path)
     chat = detect_is_chat(path) if is_chat is None else is_chat
     return LoadedModel(model, tokenizer, family, path, chat)

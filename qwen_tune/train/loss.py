@@ -182,11 +182,16 @@ def causal_lm_loss(
             return (hidden_states.sum() * 0).float() + empty * 0
         loss_sum = None
         grad = torch.is_grad_enabled()
+        zero3 = _zero3_partitioned(lm_head)
         for i in range(n_chunks):
             r = rows[i * chunk_size : (i + 1) * chunk_size]
             t = targets[i * chunk_size : (i + 1) * chunk_size]
-            if grad:
-                part = checkpoint(_chunk_ce_sum, lm_head, r, t, use_reentrant=False)
+            if grad and zero3 and not r.requires_grad:
+                part = _chunk_ce_sum(lm_head, r, t)  # a reentrant checkpoint needs an input that requires grad
+            elif grad:
+                # ZeRO-3 releases lm_head's gathered weight after each call, so a non-reentrant checkpoint would
+                # see an empty tensor at recompute; reentrant recomputation re-runs DeepSpeed's gather hooks.
+                part = checkpoint(_chunk_ce_sum, lm_head, r, t, use_reentrant=zero3)
             else:
                 part = _chunk_ce_sum(lm_head, r, t)
             loss_sum = part if loss_sum is None else loss_sum + part

@@ -19,6 +19,12 @@ def lora_modules_to_save(recipe: Recipe, family: Family, is_chat: bool) -> list[
     """Embeddings and lm_head train too on a base model, whose ChatML tokens were never trained."""
     lora = recipe.lora
     if lora.modules_to_save is not None:
+        if lora.modules_to_save and recipe.method == "qlora":
+            raise ConfigError(f"lora.modules_to_save={lora.modules_to_save} cannot be used with Q-LoRA: peft would "
+                              "keep a full-precision trainable copy of each module next to the quantized base (for "
+                              "embeddings and lm_head more memory than the 4-bit model saves, and not mergeable onto "
+                              "the quantized checkpoint); train on a chat checkpoint (its ChatML tokens are trained) "
+                              "or use method=lora on the full-precision model")
         return lora.modules_to_save or None
     wanted = lora.trainable_embeddings
     if wanted is None:
@@ -30,7 +36,10 @@ def lora_modules_to_save(recipe: Recipe, family: Family, is_chat: bool) -> list[
     if not wanted:
         return None
     if recipe.method == "qlora":
-        log.warning("Q-LoRA: embeddings/lm_head stay frozen: a quantized base cannot train them as modules_to_save")
+        log.warning("Q-LoRA: %s and %s stay frozen (no modules_to_save on a quantized base: peft would keep "
+                    "full-precision trainable copies beside the 4-bit model). This base checkpoint's "
+                    "<|im_start|>/<|im_end|> embeddings are untrained, so prefer a chat checkpoint for Q-LoRA, or "
+                    "method=lora on the full-precision model", family.embedding, family.lm_head)
         return None
     return [family.embedding, family.lm_head]
 
@@ -64,6 +73,10 @@ def apply_method(model: PreTrainedModel, recipe: Recipe, family: Family, is_chat
     cfg = LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
                      target_modules=targets, bias=recipe.lora.bias, task_type="CAUSAL_LM",
                      modules_to_save=modules_to_save)
+    if recipe.method == "qlora":
+        from .quant import register_quantized_lora_layers
+
+        register_quantized_lora_layers(cfg, model)  # qwen-tune's PyTorch GPTQ layers (no-op otherwise)
     try:
         model = get_peft_model(model, cfg)
     except ValueError as e:
@@ -72,6 +85,7 @@ def apply_method(model: PreTrainedModel, recipe: Recipe, family: Family, is_chat
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    # Under ZeRO-3 a parameter holds only this rank's shard; ds_numel is its full size.
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     return trainable, total

@@ -19,9 +19,10 @@ from ..config import ConfigError, Recipe
 from ..data.collators import make_collator
 from ..data.dataset import prepare_data
 from ..models.loading import build_from_config, load_model, resolve_precision
-from .distributed import check_combination, init_distributed_for_cpu
+from .distributed import (check_combination, fsdp_arguments, init_distributed_for_cpu, quiet_non_main_ranks,
+                          zero3_init_disabled)
 from .methods import apply_method, count_parameters
-from .quant import quantization_kwargs
+from .quant import prepare_loaded_model, quantization_kwargs, resolve_quantized_precision
 from .trainer import QwenTrainer, latest_complete_checkpoint
 
 log = logging.getLogger("qwen_tune")
@@ -97,16 +98,20 @@ def training_arguments(recipe: Recipe, out: Path, has_eval: bool) -> TrainingArg
         include_num_input_tokens_seen="non_padding",
         prediction_loss_only=True,
         deepspeed=recipe.deepspeed,
-        fsdp=recipe.fsdp or "",
+        **fsdp_arguments(recipe.fsdp),
         dataloader_num_workers=t.dataloader_workers,
         ddp_find_unused_parameters=False,
     )
 
 
 def run_training(recipe: Recipe) -> RunResult:
+    quiet_non_main_ranks()
     out = Path(recipe.output.dir)
     resume = _check_output_dir(out, recipe)
     check_combination(recipe)
+    if recipe.fsdp and _use_cpu(recipe):
+        log.warning("fsdp: FSDP needs GPUs; on CPU the Trainer silently trains with plain DDP (no sharding)")
+    resolve_quantized_precision(recipe, _use_cpu(recipe))  # GPTQ: bf16 refused, auto -> fp16 (GPU) / fp32 (CPU)
     set_seed(recipe.training.seed)
     if recipe.deepspeed and _use_cpu(recipe):
         init_distributed_for_cpu()
@@ -119,13 +124,14 @@ def run_training(recipe: Recipe) -> RunResult:
 
     base = recipe.model.path
     if recipe.model.from_config:
-        with args.main_process_first(desc="building the base model"):
+        with args.main_process_first(desc="building the base model"), zero3_init_disabled():
             base = str(build_from_config(recipe.model.from_config, out / "base_model", recipe.model.seed))
     precision = resolve_precision(recipe.training.precision, _use_cpu(recipe))
     dtype = recipe.model.dtype if recipe.model.dtype != "auto" else precision
     loaded = load_model(base, dtype=dtype, attn_implementation=recipe.model.attn_implementation,
                         tokenizer_path=recipe.model.tokenizer, is_chat=recipe.model.is_chat,
                         **quantization_kwargs(recipe, base))
+    prepare_loaded_model(loaded.model)
     log.info("model: %s (%s family, %s checkpoint) from %s", type(loaded.model).__name__, loaded.family.name,
              "chat" if loaded.is_chat else "base", base)
 
@@ -156,6 +162,7 @@ def run_training(recipe: Recipe) -> RunResult:
             loaded.tokenizer.save_pretrained(str(out))
             _copy_generation_config(Path(base), out)
     summary = _summary(trainer, result, elapsed, trainable, total)
+    summary["engine"] = engine_info(trainer)
     if args.should_save:
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
         plot_loss_curve(trainer.state.log_history, out / "loss_curve.png")
@@ -196,6 +203,22 @@ def _summary(trainer: QwenTrainer, result: Any, elapsed: float, trainable: int, 
         "trainable_params": trainable,
         "total_params": total,
     }
+
+
+def engine_info(trainer: QwenTrainer) -> dict[str, Any]:
+    """What actually trained: tests and users can check that DeepSpeed/FSDP really ran (not a silent DDP fallback)."""
+    engine = trainer.model_wrapped
+    stage = None
+    if trainer.is_deepspeed_enabled and hasattr(engine, "zero_optimization_stage"):  # a DeepSpeedEngine
+        stage = int(engine.zero_optimization_stage())
+    import torch.distributed.fsdp as fsdp_mod
+
+    fsdp_types = tuple(t for t in (getattr(fsdp_mod, "FullyShardedDataParallel", None),  # FSDP1
+                                   getattr(fsdp_mod, "FSDPModule", None)) if t is not None)  # FSDP2 (fully_shard)
+    fsdp = isinstance(engine, fsdp_types) or any(isinstance(m, fsdp_types) for m in engine.modules())
+    return {"deepspeed_zero_stage": stage, "fsdp": bool(fsdp), "wrapper": type(engine).__name__,
+            "distributed_type": str(trainer.accelerator.distributed_type).rpartition(".")[2],
+            "world_size": trainer.accelerator.num_processes}
 
 
 def plot_loss_curve(history: list[dict[str, Any]], path: Path) -> None:
