@@ -201,6 +201,19 @@ def _format_errors(e: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """A JSON file that must hold an object; problems become one ConfigError line prefixed with `what`."""
+    import json
+
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{what}: not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{what}: must hold a JSON object")
+    return cfg
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like key.sub=value")

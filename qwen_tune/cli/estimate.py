@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..config import ConfigError, load_recipe
+from ..config import load_recipe, read_json_object
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -38,13 +38,7 @@ def _model_config(spec: str | None) -> dict | None:
         path = path / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"--config {spec}: no such config.json (presets: {', '.join(QWEN1_PRESETS)})")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"--config {spec}: not valid JSON: {e}") from None
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"--config {spec}: config.json must be a JSON object")
-    return cfg
+    return read_json_object(path, f"--config {spec}")
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..config import ConfigError, Recipe
+from ..config import ConfigError, Recipe, read_json_object
 
 log = logging.getLogger(__name__)
 # The `fsdp:` recipe key: words of transformers' FSDPOption that FSDP2 (transformers' default) supports.
@@ -24,13 +23,7 @@ def read_ds_config(ds_config: str) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"deepspeed: config file {ds_config} not found (bundled: ds_configs/zero2.json, "
                           "ds_configs/zero3.json, ds_configs/zero3_offload.json)")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"deepspeed: {ds_config} is not valid JSON: {e}") from None
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"deepspeed: {ds_config} must hold a JSON object")
-    return cfg
+    return read_json_object(path, f"deepspeed: {ds_config}")
 
 
 def zero_stage(ds_config: str | None) -> int | None:

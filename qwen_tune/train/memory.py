@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ..config import ConfigError, Recipe
+from ..config import ConfigError, Recipe, read_json_object
 from ..models.families import get_family
 from .distributed import check_combination
 from .loss import estimate_logits_bytes
@@ -493,13 +493,7 @@ def load_model_config(recipe: Recipe) -> dict[str, Any]:
         raise FileNotFoundError(f"no config.json for model {recipe.model.from_config or recipe.model.path!r}: set "
                                 "model.path to a local checkpoint directory, or pass --config path/to/config.json "
                                 f"(or a preset: {', '.join(QWEN1_PRESETS)})")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON: {e}") from None
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{path}: config.json must be a JSON object")
-    return cfg
+    return read_json_object(path, str(path))
 
 
 def _ds_config(path: Optional[str]) -> dict[str, Any]:
