@@ -1,0 +1,231 @@
+"""Preprocessing throughput: qwen-tune's batched ChatMLEncoder vs the reference preprocess vs raw tiktoken.
+
+    python bench/bench_preprocess.py                # ~4-5 min on 2 busy CPU cores: 4 repeats x 8 slices
+    python bench/bench_preprocess.py --repeats 9
+
+All methods turn the same 2,000 benchmark conversations (bench/make_data.py) into ChatML token ids;
+throughput is always *ChatML tokens of the whole set / seconds*, so the columns are comparable:
+
+* reference (as shipped): Qwen's finetune.py ``preprocess()`` called per sample (as
+  ``LazySupervisedDataset`` does), every piece through ``tokenizer(text).input_ids``, padded to
+  model_max_length (2048) and turned into tensors;
+* reference, unpadded: the same without the padding and tensors (the stricter comparison:
+  only tokenization and templating);
+* qwen-tune: ``ChatMLEncoder.encode`` over batches of 512 ``Conversation``s (the batch size
+  ``qwen_tune.data.dataset.tokenize`` uses) -> ids + labels; "+ parsing" adds ``to_conversation``
+  on the raw records (validation), which the reference does not do;
+* raw tiktoken: only the text pieces (system prompt + every turn) through the bare
+  ``tiktoken.Encoding`` -- no template, labels, NFC check or Python around it; both
+  ``encode_ordinary_batch`` and a loop of ``encode_ordinary`` are timed and the faster counts.
+  It is the floor of what any preprocessing on top of tiktoken can cost.
+
+Methods run interleaved (the order rotates every repeat); each ratio is taken per repeat and
+the median is reported, so load from other processes on a shared machine hits all alike.
+Outputs are checked first: qwen-tune's ids and labels equal the reference's for every sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DEFAULT_SYSTEM, machine_info, machine_line, reference_preprocess, table, write_results  # noqa: E402
+from make_data import DEFAULT_OUT, load_bench_data  # noqa: E402
+
+TARGETS = {"vs_reference": 10.0, "vs_raw_tiktoken": 0.70}
+BATCH = 512
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="preprocessing throughput: qwen-tune vs reference vs raw tiktoken")
+    ap.add_argument("--repeats", type=int, default=4)
+    ap.add_argument("--slices", type=int, default=8, help="interleaving grain: methods alternate per slice")
+    ap.add_argument("--max-len", type=int, default=2048)
+    ap.add_argument("--data", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--name", default="preprocess")
+    args = ap.parse_args(argv)
+
+    from qwen_tune.data.formats import RawRecord, to_conversation
+    from qwen_tune.data.template import ChatMLEncoder
+    from qwen_tune.data.tokenizer import load_tokenizer
+
+    info = machine_info()
+    print(machine_line(info), flush=True)
+    records = load_bench_data(args.data)
+    tok = load_tokenizer(None)
+    enc = tok.tiktoken_encoding
+    sources = [r["conversations"] for r in records]
+    convs = [to_conversation(RawRecord("bench", i, r), "qwen") for i, r in enumerate(records)]
+    texts = [t for c in convs for t in ([DEFAULT_SYSTEM if c.system is None else c.system] + [x for _, x in c.turns])]
+    encoder = ChatMLEncoder(tok, args.max_len)
+
+    # ---- correctness first (not timed)
+    ours = encoder.encode(convs)
+    ref = reference_preprocess(sources, tok, args.max_len, pad=False)
+    mismatch = [r["id"] for r, s, i, l in zip(records, ours, ref["input_ids"], ref["labels"])
+                if s.input_ids != i or s.labels != l]
+    if mismatch:
+        raise AssertionError(f"ChatMLEncoder differs from the reference preprocess on {len(mismatch)} samples, "
+                             f"e.g. {mismatch[:3]}")
+    chatml_tokens = sum(len(s.input_ids) for s in ours)
+    text_tokens = sum(len(x) for x in enc.encode_ordinary_batch(texts))
+    print(f"{len(records)} conversations, {chatml_tokens:,} ChatML tokens ({text_tokens:,} of them text), "
+          f"{len(texts):,} text pieces; qwen-tune output == reference output: ok", flush=True)
+
+    from proto_fast_encoder import FastChatMLEncoder
+
+    fast = FastChatMLEncoder(tok, args.max_len)
+    # Slices of the set: every repeat runs each method on slice 1, then each on slice 2, ... (order rotating),
+    # so the methods are interleaved at a ~0.1-2 s grain.
+    bounds = [round(i * len(records) / args.slices) for i in range(args.slices + 1)]
+    text_at = [0]
+    for c in convs:
+        text_at.append(text_at[-1] + 1 + len(c.turns))
+
+    def m_reference(lo: int, hi: int) -> None:
+        for s in sources[lo:hi]:
+            reference_preprocess([s], tok, args.max_len)
+
+    def m_reference_unpadded(lo: int, hi: int) -> None:
+        for s in sources[lo:hi]:
+            reference_preprocess([s], tok, args.max_len, pad=False)
+
+    def m_ours(lo: int, hi: int) -> None:
+        for i in range(lo, hi, BATCH):
+            encoder.encode(convs[i:min(i + BATCH, hi)])
+
+    def m_ours_parse(lo: int, hi: int) -> None:
+        for i in range(lo, hi, BATCH):
+            encoder.encode([to_conversation(RawRecord("bench", i + j, r), "qwen")
+                            for j, r in enumerate(records[i:min(i + BATCH, hi)])])
+
+    def m_proto(lo: int, hi: int) -> None:
+        for i in range(lo, hi, BATCH):
+            fast.encode(convs[i:min(i + BATCH, hi)])
+
+    def m_raw_batch(lo: int, hi: int) -> None:
+        t = texts[text_at[lo]:text_at[hi]]
+        for i in range(0, len(t), BATCH * 4):
+            enc.encode_ordinary_batch(t[i:i + BATCH * 4])
+
+    def m_raw_loop(lo: int, hi: int) -> None:
+        eo = enc.encode_ordinary
+        for t in texts[text_at[lo]:text_at[hi]]:
+            eo(t)
+
+    methods: dict[str, Callable[[int, int], None]] = {
+        "reference": m_reference, "reference_unpadded": m_reference_unpadded, "ours": m_ours,
+        "ours_parse": m_ours_parse, "proto": m_proto, "raw_batch": m_raw_batch, "raw_loop": m_raw_loop,
+    }
+    labels = {"reference": "reference preprocess (as shipped: padded, tensors)",
+              "reference_unpadded": "reference preprocess, unpadded",
+              "ours": "qwen-tune ChatMLEncoder.encode (batches of 512)",
+              "ours_parse": "qwen-tune to_conversation + encode",
+              "proto": "qwen-tune + fast-assembly prototype (bench/proto_fast_encoder.py)",
+              "raw_batch": "raw tiktoken encode_ordinary_batch (texts only)",
+              "raw_loop": "raw tiktoken encode_ordinary loop (texts only)"}
+    names = list(methods)
+    # samples[k][slice] = [(wall, cpu), ...] over repeats
+    samples: dict[str, list[list[tuple[float, float]]]] = {k: [[] for _ in range(args.slices)] for k in names}
+    for k in names:  # warm-up on the first slice
+        methods[k](bounds[0], bounds[1])
+    step = 0
+    for rep in range(args.repeats):
+        for si, (lo, hi) in enumerate(zip(bounds, bounds[1:])):
+            order = names[step % len(names):] + names[:step % len(names)]
+            step += 1
+            for k in order:
+                gc.collect()
+                w, c = time.perf_counter(), time.process_time()
+                methods[k](lo, hi)
+                samples[k][si].append((time.perf_counter() - w, time.process_time() - c))
+        print(f"  repeat {rep + 1}/{args.repeats} (wall s): " +
+              ", ".join(f"{k} {sum(x[-1][0] for x in samples[k]):.2f}" for k in names), flush=True)
+
+    def est(k: str, clock: int, agg: Callable) -> float:
+        """Whole-set time: per slice, aggregate its repeats (min = best, or median), then sum the slices."""
+        return sum(agg([x[clock] for x in per_slice]) for per_slice in samples[k])
+
+    WALL, CPU = 0, 1
+    best_cpu = {k: est(k, CPU, min) for k in names}
+    med_cpu = {k: est(k, CPU, statistics.median) for k in names}
+    med_wall = {k: est(k, WALL, statistics.median) for k in names}
+    best_wall = {k: est(k, WALL, min) for k in names}
+    raw_kind = min(("raw_batch", "raw_loop"), key=best_cpu.__getitem__)
+    for d in (best_cpu, med_cpu, med_wall, best_wall):
+        d["raw"] = min(d["raw_batch"], d["raw_loop"])
+
+    def speed(d: dict, k: str, vs: str) -> float:
+        return d[vs] / d[k]
+
+    hdr = ["method", "CPU s (best)", "tokens/CPU-s", "wall s (median)", "tokens/s (wall)", "vs reference (CPU)",
+           "vs reference (wall)", "vs qwen-tune (CPU)"]
+    rows = [[labels[k], f"{best_cpu[k]:.3f}", chatml_tokens / best_cpu[k], f"{med_wall[k]:.3f}",
+             chatml_tokens / med_wall[k], f"{speed(best_cpu, k, 'reference'):.2f}x",
+             f"{speed(med_wall, k, 'reference'):.2f}x", f"{speed(best_cpu, k, 'ours'):.3f}"] for k in names]
+    t, md_table = table(hdr, rows)
+
+    def line(k: str, what: str) -> str:
+        return (f"{what}: {speed(best_cpu, k, 'reference'):.1f}x the reference as shipped "
+                f"({speed(med_wall, k, 'reference'):.1f}x by median wall time), "
+                f"{speed(best_cpu, k, 'reference_unpadded'):.1f}x the unpadded reference; "
+                f"{100 * speed(best_cpu, k, 'raw'):.1f}% of raw tiktoken's speed "
+                f"({100 * speed(med_wall, k, 'raw'):.1f}% by median wall time)")
+
+    r_ref = speed(best_cpu, "ours", "reference")
+    r_raw = speed(best_cpu, "ours", "raw")
+    verdict = [
+        f"qwen-tune vs reference (as shipped): {r_ref:.1f}x vs target >= {TARGETS['vs_reference']:.0f}x: "
+        f"{'MET' if r_ref >= TARGETS['vs_reference'] else 'NOT MET'}",
+        f"qwen-tune vs raw tiktoken (fastest raw: {raw_kind.replace('raw_', '')}): {100 * r_raw:.1f}% vs target >= "
+        f"{100 * TARGETS['vs_raw_tiktoken']:.0f}%: {'MET' if r_raw >= TARGETS['vs_raw_tiktoken'] else 'NOT MET'}",
+        line("ours", "qwen-tune ChatMLEncoder.encode"),
+        line("ours_parse", "qwen-tune with to_conversation parsing"),
+        line("proto", "fast-assembly prototype"),
+    ]
+    head = (f"{len(records)} conversations, {chatml_tokens:,} ChatML tokens ({text_tokens:,} text tokens); "
+            f"{args.repeats} repeats x {args.slices} slices, methods interleaved per slice; tokens/s = the set's "
+            f"ChatML tokens / time for every row. Primary clock: process CPU time, best of the repeats per slice "
+            f"(robust on a shared machine; equals wall time on an idle core); wall time: median per slice")
+    print()
+    print(head)
+    print(t)
+    print("Targets: " + "; ".join(verdict[:2]))
+    for v in verdict[2:]:
+        print("  " + v)
+    md = "\n".join([
+        "# Preprocessing benchmark: qwen-tune vs reference vs raw tiktoken\n",
+        f"Machine: {machine_line(info)}\n",
+        f"{head}.\n",
+        md_table, "",
+        "## Targets\n",
+        *[f"- {v}" for v in verdict],
+    ])
+    payload: dict[str, Any] = {
+        "benchmark": "preprocess", "machine": info, "targets": TARGETS, "conversations": len(records),
+        "chatml_tokens": chatml_tokens, "text_tokens": text_tokens, "text_pieces": len(texts),
+        "max_len": args.max_len, "batch_size": BATCH, "repeats": args.repeats, "slices": args.slices,
+        "samples_wall_cpu_s": samples, "best_cpu_s": best_cpu, "median_cpu_s": med_cpu, "median_wall_s": med_wall,
+        "best_wall_s": best_wall, "fastest_raw": raw_kind,
+        "ratios_best_cpu": {k: {"vs_reference": speed(best_cpu, k, "reference"),
+                                "vs_reference_unpadded": speed(best_cpu, k, "reference_unpadded"),
+                                "fraction_of_raw": speed(best_cpu, k, "raw")} for k in names},
+        "ratios_median_wall": {k: {"vs_reference": speed(med_wall, k, "reference"),
+                                   "vs_reference_unpadded": speed(med_wall, k, "reference_unpadded"),
+                                   "fraction_of_raw": speed(med_wall, k, "raw")} for k in names},
+    }
+    j, m = write_results(args.name, payload, md)
+    print(f"\nwrote {j} and {m.name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
