@@ -21,12 +21,9 @@ the checkpointed path.
 
 from __future__ import annotations
 
-import math
-import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -137,8 +134,6 @@ def _run(kind: str, head, hidden, labels, chunk: int):
 
 
 def check(chunk: int = 512) -> None:
-    from qwen_tune.train.loss import causal_lm_loss  # noqa: F401
-
     for trainable in (False, True):
         head, hidden, labels = _inputs(1500, 0.7, trainable_head=trainable)
         ref_loss, ref_grad = _run("causal_lm_loss", head, hidden, labels, chunk)
