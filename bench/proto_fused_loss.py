@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from qwen_tune.train.loss import supervised_rows
+
 IGNORE_INDEX = -100
 
 
@@ -80,17 +82,11 @@ class _FusedHeadCE(torch.autograd.Function):
 def fused_causal_lm_loss(hidden_states: torch.Tensor, lm_head: nn.Module, labels: torch.Tensor, *,
                          num_items_in_batch=None, chunk_size: int = 2048, use_liger=None) -> torch.Tensor:
     """Drop-in for ``qwen_tune.train.loss.causal_lm_loss`` (CPU/GPU, no ZeRO-3)."""
-    hidden_size = hidden_states.shape[-1]
-    labels = labels.to(hidden_states.device)
-    shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
-    hidden_flat = hidden_states.reshape(-1, hidden_size)
-    idx = (shift_labels != IGNORE_INDEX).nonzero().squeeze(1)
-    n_valid = idx.numel()
+    hidden_flat, rows, targets = supervised_rows(hidden_states, labels)
+    n_valid = rows.shape[0]
     if n_valid == 0:
         empty = lm_head(hidden_flat[:0]).float().sum()
         return (hidden_states.sum() * 0).float() + empty * 0
-    rows = hidden_flat.index_select(0, idx)
-    targets = shift_labels.index_select(0, idx)
     params = [p for p in lm_head.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
     loss_sum = _FusedHeadCE.apply(rows, targets, chunk_size, lm_head, *params)
     if num_items_in_batch is None:

@@ -121,6 +121,19 @@ def _liger_ce_sum(lm_head: nn.Linear, rows: torch.Tensor, targets: torch.Tensor)
 # --------------------------------------------------------------------------- main entry
 
 
+def supervised_rows(hidden_states: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(flat hidden states, hidden rows whose shifted label is kept, those labels).
+
+    Shifts like transformers, but pads one ignore at the end instead of slicing the hidden
+    states, so they flatten as a view (no [B, T-1, H] copy).
+    """
+    labels = labels.to(hidden_states.device)
+    shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+    hidden_flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+    idx = (shift_labels != IGNORE_INDEX).nonzero().squeeze(1)
+    return hidden_flat, hidden_flat.index_select(0, idx), shift_labels.index_select(0, idx)
+
+
 def causal_lm_loss(
     hidden_states: torch.Tensor,
     lm_head: nn.Module,
@@ -158,17 +171,8 @@ def causal_lm_loss(
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
 
-    hidden_size = hidden_states.shape[-1]
-    labels = labels.to(hidden_states.device)
-    # Shift like transformers: pad one ignore at the end instead of slicing the hidden
-    # states, so the hidden can be flattened as a view (no [B, T-1, H] copy).
-    shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
-    hidden_flat = hidden_states.reshape(-1, hidden_size)
-
-    idx = (shift_labels != IGNORE_INDEX).nonzero().squeeze(1)
-    n_valid = idx.numel()
-    rows = hidden_flat.index_select(0, idx)
-    targets = shift_labels.index_select(0, idx)
+    hidden_flat, rows, targets = supervised_rows(hidden_states, labels)
+    n_valid = rows.shape[0]
 
     if n_valid > 0 and _liger_usable(lm_head, hidden_states, use_liger):
         loss_sum = _liger_ce_sum(lm_head, rows, targets)
