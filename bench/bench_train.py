@@ -3,7 +3,7 @@
     python bench/bench_train.py                       # throughput, 3 steps x 4 samples (~3-4 min on 2 cores)
     python bench/bench_train.py --part memory         # peak RSS at 8192 tokens (~5-7 min on 2 cores)
     python bench/bench_train.py --part all --steps 6 --samples-per-step 8   # everything, longer and steadier
-    python bench/bench_train.py --proto-fused         # adds a third side: qwen-tune + bench/proto_fused_loss.py
+    python bench/bench_train.py --ablation            # adds a side: qwen-tune with its loss recomputed + per-layer mask
 
 Results go to bench/results/train_<part>.{json,md}.
 
@@ -25,8 +25,9 @@ Baseline -- the reference finetune.py recipe:
 qwen-tune:
   * batched ``ChatMLEncoder.encode`` of the step's conversations (parsed with ``to_conversation``);
   * ``make_collator(packing=True)`` -> ``PackingCollator``: one padding-free row per step;
-  * ``QwenTrainer.training_step`` -> ``compute_loss``: decoder forward hook + ``logits_to_keep=[]`` +
-    chunked ``causal_lm_loss`` over supervised rows only (loss_chunk_size 2048, its default).
+  * ``QwenTrainer.training_step`` -> ``compute_loss``: one shared float block mask for the packed row,
+    decoder forward hook + ``logits_to_keep=[]`` + chunked ``causal_lm_loss`` over supervised rows only,
+    gradients taken chunk by chunk in the forward (loss_chunk_size 2048, its default).
 Both pass the step's supervised-token count as ``num_items_in_batch`` (as the Trainer does), so they
 optimise exactly the same objective: the per-step losses are printed side by side as a check.
 
@@ -96,51 +97,24 @@ def build_model(seed: int = 0):
     return get_peft_model(model, lora)
 
 
-def _fused_trainer_class():
+def _previous_trainer_class():
+    """QwenTrainer as first shipped: each loss chunk checkpointed and recomputed in backward, and the
+    packed mask left to transformers (a boolean mask that SDPA converts to float in every layer)."""
+    import functools
+
     import qwen_tune.train.trainer as qt
-    from proto_fused_loss import fused_causal_lm_loss
 
-    class FusedLossTrainer(qt.QwenTrainer):
-        """QwenTrainer.compute_loss unchanged, with causal_lm_loss swapped for the no-recompute prototype."""
-
+    class PreviousTrainer(qt.QwenTrainer):
         def compute_loss(self, *a, **k):
-            orig = qt.causal_lm_loss
-            qt.causal_lm_loss = fused_causal_lm_loss
+            saved = qt.causal_lm_loss, qt.packed_attention_mask
+            qt.causal_lm_loss = functools.partial(saved[0], recompute=True)
+            qt.packed_attention_mask = lambda position_ids, dtype: None
             try:
                 return super().compute_loss(*a, **k)
             finally:
-                qt.causal_lm_loss = orig
+                qt.causal_lm_loss, qt.packed_attention_mask = saved
 
-    return FusedLossTrainer
-
-
-def float_block_mask(position_ids, dtype):
-    """The packed rows' block-diagonal causal mask as one additive float tensor [B, 1, T, T].
-
-    Given packed position_ids and no attention_mask, transformers builds a *boolean* 4-D mask; CPU SDPA
-    converts a boolean mask to a new float tensor in every layer and keeps it for backward (T^2 x 4 bytes
-    per layer). Passing the float mask once makes all layers share it.
-    """
-    import torch
-
-    seg = (position_ids == 0).cumsum(-1)  # [B, T]: sample index of every token
-    T = position_ids.shape[-1]
-    allowed = (seg[:, :, None] == seg[:, None, :]) & torch.ones(T, T, dtype=torch.bool).tril()
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[:, None]
-
-
-def _mask_trainer_class(base):
-    class FloatMaskTrainer(base):
-        """`base` with the packed block-diagonal mask passed as one float 4-D attention_mask (prototype)."""
-
-        def compute_loss(self, model, inputs, *a, **k):
-            if "position_ids" in inputs and "attention_mask" not in inputs:
-                dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-                inputs = dict(inputs, attention_mask=float_block_mask(inputs["position_ids"], dtype))
-            return super().compute_loss(model, inputs, *a, **k)
-
-    return FloatMaskTrainer
+    return PreviousTrainer
 
 
 def build_trainer(kind: str, model, chunk_size: int):
@@ -148,7 +122,6 @@ def build_trainer(kind: str, model, chunk_size: int):
 
     from qwen_tune.train.trainer import QwenTrainer
 
-    FusedLossTrainer = _fused_trainer_class() if kind in ("fused", "fused_mask") else None  # noqa: N806
     args = TrainingArguments(output_dir=str(CACHE / f"trainer-{kind}"), use_cpu=True, per_device_train_batch_size=1,
                              learning_rate=1e-3, lr_scheduler_type="constant", weight_decay=0.0, report_to="none",
                              save_strategy="no", logging_strategy="no", remove_unused_columns=False, seed=0)
@@ -156,11 +129,8 @@ def build_trainer(kind: str, model, chunk_size: int):
         trainer = Trainer(model=model, args=args)
     elif kind == "ours":
         trainer = QwenTrainer(model=model, args=args, loss_mode="chunked", loss_chunk_size=chunk_size)
-    elif kind == "fused":  # QwenTrainer with the prototype loss of bench/proto_fused_loss.py
-        trainer = FusedLossTrainer(model=model, args=args, loss_mode="chunked", loss_chunk_size=chunk_size)
-    else:  # "fused_mask": the same, plus the packed mask passed once as a float 4-D tensor
-        trainer = _mask_trainer_class(FusedLossTrainer)(model=model, args=args, loss_mode="chunked",
-                                                         loss_chunk_size=chunk_size)
+    else:  # "previous": the ablation side
+        trainer = _previous_trainer_class()(model=model, args=args, loss_mode="chunked", loss_chunk_size=chunk_size)
     trainer.create_optimizer()
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train()'s loop; only read without num_items
     return trainer
@@ -185,8 +155,8 @@ def pick_records(records: list[dict], n: int, tokenizer, seed: int) -> list[dict
 
 # --------------------------------------------------------------------------- one optimizer step per side
 
-SIDES = {"baseline": "baseline (reference)", "ours": "qwen-tune", "fused": "qwen-tune + fused-loss prototype",
-         "fused_mask": "qwen-tune + fused loss + float-mask prototypes"}
+SIDES = {"baseline": "baseline (reference)", "ours": "qwen-tune",
+         "previous": "qwen-tune, recomputed loss + per-layer mask (ablation)"}
 
 
 def baseline_features(records: list[dict], tokenizer, max_len: int) -> list[dict]:
@@ -274,7 +244,7 @@ def check_parity(records: list[dict], tokenizer, max_len: int) -> int:
 def run_throughput(args, tokenizer, records: list[dict]) -> dict[str, Any]:
     import torch
 
-    sides = ["baseline", "ours"] + (["fused"] if args.proto_fused else [])
+    sides = ["baseline", "ours"] + (["previous"] if args.ablation else [])
     n = args.steps * args.samples_per_step
     picked = pick_records(records, n, tokenizer, args.seed)
     check_parity(picked, tokenizer, args.max_len)
@@ -393,7 +363,7 @@ def mem_worker(kind: str, seq: int, chunk_size: int, data_path: Path, seed: int)
 
 
 def run_memory(args) -> dict[str, Any]:
-    sides = ["ours", "baseline"] + (["fused", "fused_mask"] if args.proto_fused else [])
+    sides = ["ours", "baseline"] + (["previous"] if args.ablation else [])
     out: dict[str, Any] = {"seq": args.mem_seq, "loss_chunk_size": args.chunk_size, "sides": sides}
     for kind in sides:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--mem-worker", kind, "--mem-seq", str(args.mem_seq),
@@ -481,7 +451,7 @@ def report(info: dict[str, Any], thr: dict[str, Any] | None, mem: dict[str, Any]
         base = mem.get("baseline", {})
         ok = [k for k in sides if "peak_rss_gib" in mem.get(k, {})]
         if "baseline" in ok:
-            others = [k for k in ["ours", "fused", "fused_mask"] if k in ok]
+            others = [k for k in ["ours", "previous"] if k in ok]
             hdr = ["metric", SIDES["baseline"]]
             for k in others:
                 hdr += [SIDES[k], "vs baseline"]
@@ -528,9 +498,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline-micro-batch", type=int, default=1)
     ap.add_argument("--chunk-size", type=int, default=2048, help="qwen-tune loss_chunk_size (its default)")
     ap.add_argument("--mem-seq", type=int, default=8192)
-    ap.add_argument("--proto-fused", action="store_true",
-                    help="add prototype sides: qwen-tune with bench/proto_fused_loss.py's loss (no recompute); "
-                         "in the memory test also that plus the packed mask passed once as a float 4-D tensor")
+    ap.add_argument("--ablation", action="store_true",
+                    help="add a side: qwen-tune as first shipped (loss chunks recomputed in backward, packed mask "
+                         "converted per layer), to show what the gradient-in-forward loss and the shared mask buy")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads for the throughput test (default: torch's choice); 1 makes CPU "
                          "time a clean measure of work on a shared machine")

@@ -9,6 +9,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from qwen_tune.data.collators import PackingCollator, PaddingCollator
 from qwen_tune.data.formats import Conversation
 from qwen_tune.data.template import IGNORE_INDEX, ChatMLEncoder
+from qwen_tune.train.trainer import packed_attention_mask
 
 
 @pytest.fixture(scope="module")
@@ -67,3 +68,20 @@ def test_packed_loss_equals_unpacked(samples, attn):
         packed = per_token_loss_sum(model, PackingCollator()(samples))
     assert packed == pytest.approx(separate, rel=1e-5)
     assert padded == pytest.approx(separate, rel=1e-5)
+
+
+def test_packed_float_mask_matches_transformers_mask(samples):
+    """QwenTrainer's one shared float mask gives the same logits as transformers' own packed mask."""
+    model = tiny_qwen2("sdpa")
+    batch = PackingCollator()(samples)
+    mask = packed_attention_mask(batch["position_ids"], torch.float32)
+    T = batch["input_ids"].shape[1]
+    assert mask.shape == (1, 1, T, T)
+    lens = [len(s["input_ids"]) for s in samples]
+    allowed = torch.block_diag(*[torch.ones(n, n).tril() for n in lens]).bool()
+    assert torch.equal(mask[0, 0] == 0, allowed)
+    with torch.no_grad():
+        ref = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        got = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask,
+                    use_cache=False).logits
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)

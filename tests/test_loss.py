@@ -51,28 +51,58 @@ def _assert_same(a, b):
         torch.testing.assert_close(pa[k], pb[k], atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("recompute", [False, True], ids=["grads-in-forward", "recompute"])
 @pytest.mark.parametrize("chunk_size", [1, 5, 7, 16, 2048])
-def test_matches_full_logits(setup, chunk_size):
+def test_matches_full_logits(setup, chunk_size, recompute):
     head, hidden, labels, _ = setup
     n_valid = int((labels[:, 1:] != IGNORE_INDEX).sum())
     assert n_valid % 5 and n_valid % 7  # chunk sizes that don't divide the row count
     ref = _loss_and_grads(_reference, hidden, head, labels)
-    got = _loss_and_grads(causal_lm_loss, hidden, head, labels, chunk_size=chunk_size, use_liger=False)
+    got = _loss_and_grads(causal_lm_loss, hidden, head, labels, chunk_size=chunk_size, use_liger=False,
+                          recompute=recompute)
     _assert_same(got, ref)
 
 
-def test_head_sees_only_supervised_rows_in_chunks(setup):
+def test_frozen_head_gets_no_grad_and_hidden_grads_match(setup):
+    head, hidden, labels, _ = setup
+    head.weight.requires_grad_(False)
+    ref = _loss_and_grads(_reference, hidden, head, labels)
+    got = _loss_and_grads(causal_lm_loss, hidden, head, labels, chunk_size=9)
+    torch.testing.assert_close(got[0], ref[0], atol=ATOL, rtol=0)
+    torch.testing.assert_close(got[1], ref[1], atol=ATOL, rtol=0)
+    assert got[2] == {} and head.weight.grad is None
+
+
+def test_grad_out_scaling_and_accumulation(setup):
+    """Backward scales the stored gradients by the incoming gradient and accumulates across calls."""
+    head, hidden, labels, _ = setup
+    h = hidden.clone().requires_grad_(True)
+    (3.0 * causal_lm_loss(h, head, labels, chunk_size=8)).backward()
+    causal_lm_loss(h, head, labels, chunk_size=8).backward()
+    h_ref = hidden.clone().requires_grad_(True)
+    head_ref = nn.Linear(H, V, bias=False)
+    head_ref.load_state_dict(head.state_dict())
+    (4.0 * _reference(h_ref, head_ref, labels)).backward()
+    torch.testing.assert_close(h.grad, h_ref.grad, atol=ATOL, rtol=0)
+    torch.testing.assert_close(head.weight.grad, head_ref.weight.grad, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_head_sees_only_supervised_rows_in_chunks(setup, recompute):
     head, hidden, labels, _ = setup
     n_valid = int((labels[:, 1:] != IGNORE_INDEX).sum())
     rows_seen = []
     handle = head.register_forward_hook(lambda m, args, out: rows_seen.append(args[0].shape[0]))
     try:
-        causal_lm_loss(hidden.requires_grad_(), head, labels, chunk_size=7).backward()
+        causal_lm_loss(hidden.requires_grad_(), head, labels, chunk_size=7, recompute=recompute).backward()
     finally:
         handle.remove()
     fwd = [7] * (n_valid // 7) + [n_valid % 7]
     assert rows_seen[: len(fwd)] == fwd  # forward: only supervised rows, chunk by chunk
-    assert sorted(rows_seen[len(fwd) :]) == sorted(fwd)  # backward: each chunk recomputed once
+    if recompute:
+        assert sorted(rows_seen[len(fwd) :]) == sorted(fwd)  # backward: each chunk recomputed once
+    else:
+        assert len(rows_seen) == len(fwd)  # gradients were taken in forward: no second pass
 
 
 def test_bias_head_and_num_items_in_batch(setup):
@@ -140,18 +170,23 @@ def test_estimate_logits_bytes():
     assert estimate_logits_bytes(0, 10, 2048) == 0
 
 
-def test_saved_for_backward_is_structurally_small():
-    """The plain path saves O(N*V) fp32 for backward; the chunked one only O(N*H)."""
+@pytest.mark.parametrize("head_trains", [False, True])
+def test_saved_for_backward_is_structurally_small(head_trains):
+    """The plain path saves O(N*V) fp32 for backward; the chunked one O(N*H), plus the head's own
+    [V, H] gradient when the head trains (taken in forward)."""
     vocab, n, h = 20_000, 256, 32
-    head = nn.Linear(h, vocab, bias=False)
+    head = nn.Linear(h, vocab, bias=False).requires_grad_(head_trains)
     hidden = torch.randn(1, n + 1, h, requires_grad=True)
     labels = torch.randint(0, vocab, (1, n + 1))
+
+    params = {p.untyped_storage().data_ptr() for p in head.parameters()}
 
     def saved_bytes(fn, **kw):
         seen = {}
 
-        def pack(t):
-            seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+        def pack(t):  # references to parameters cost nothing: count new tensors only
+            if t.untyped_storage().data_ptr() not in params:
+                seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -160,23 +195,25 @@ def test_saved_for_backward_is_structurally_small():
         return sum(seen.values())
 
     logits_bytes = n * vocab * 4
+    head_grad_bytes = vocab * h * 4 if head_trains else 0
     plain = saved_bytes(_reference)
-    chunked = saved_bytes(causal_lm_loss, chunk_size=64)
     assert plain >= logits_bytes
-    assert chunked < logits_bytes / 50
-    assert chunked < estimate_logits_bytes(n, vocab, 64)
+    for recompute in (False, True):
+        chunked = saved_bytes(causal_lm_loss, chunk_size=64, recompute=recompute)
+        assert chunked < logits_bytes / 50 + 2 * head_grad_bytes
+        assert chunked < estimate_logits_bytes(n, vocab, 64) + 2 * head_grad_bytes
 
 
 # ------------------------------------------------------------------ transformers / peft
 
 
-def _tiny_qwen2():
+def _tiny_qwen2(tied=False):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
     cfg = Qwen2Config(
         vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied,
     )
     model = Qwen2ForCausalLM(cfg).eval()
     gen = torch.Generator().manual_seed(1)
@@ -191,7 +228,7 @@ def _model_grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _compare_with_hf(model, backbone, head, input_ids, labels, **kw):
+def _compare_with_hf(model, backbone, head, input_ids, labels, recompute=None, **kw):
     model.zero_grad(set_to_none=True)
     ref = model(input_ids=input_ids, labels=labels, **kw).loss
     ref.backward()
@@ -199,7 +236,7 @@ def _compare_with_hf(model, backbone, head, input_ids, labels, **kw):
 
     model.zero_grad(set_to_none=True)
     hidden = backbone(input_ids=input_ids).last_hidden_state
-    loss = causal_lm_loss(hidden, head, labels, chunk_size=5, **kw)
+    loss = causal_lm_loss(hidden, head, labels, chunk_size=5, recompute=recompute, **kw)
     loss.backward()
     grads = _model_grads(model)
 
@@ -210,15 +247,18 @@ def _compare_with_hf(model, backbone, head, input_ids, labels, **kw):
     return grads
 
 
-def test_qwen2_model_loss_and_grads():
-    model, input_ids, labels = _tiny_qwen2()
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied-embeddings"])
+def test_qwen2_model_loss_and_grads(tied):
+    model, input_ids, labels = _tiny_qwen2(tied)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
     for kw in ({}, {"num_items_in_batch": torch.tensor(50)}):
         grads = _compare_with_hf(model, model.model, model.lm_head, input_ids, labels, **kw)
-        assert "lm_head.weight" in grads
+        assert ("lm_head.weight" in grads) != tied  # a tied matrix is listed once, as the embedding
 
 
+@pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("mode", ["lora", "modules_to_save"])
-def test_peft_wrapped_lm_head(mode):
+def test_peft_wrapped_lm_head(mode, recompute):
     from peft import LoraConfig, get_peft_model
 
     model, input_ids, labels = _tiny_qwen2()
@@ -233,7 +273,7 @@ def test_peft_wrapped_lm_head(mode):
         with torch.no_grad():
             inner.lm_head.modules_to_save["default"].weight.mul_(1.5)
 
-    grads = _compare_with_hf(peft_model, inner.model, inner.lm_head, input_ids, labels)
+    grads = _compare_with_hf(peft_model, inner.model, inner.lm_head, input_ids, labels, recompute=recompute)
     head_grads = {k for k in grads if "lm_head" in k}
     if mode == "lora":
         assert any("lm_head.lora_A" in k for k in head_grads)

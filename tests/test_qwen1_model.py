@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from qwen_tune.models.qwen1 import QWenConfig, QWenLMHeadModel, QWenModel, register
+from qwen_tune.train.trainer import packed_attention_mask
 
 FIXTURE = Path(__file__).parent / "fixtures" / "qwen1_reference"
 MODEL_DIR = FIXTURE / "model"
@@ -190,6 +191,11 @@ def test_packed_row_matches_separate_samples(attn, training):
         alone_a, alone_b = model(a).logits, model(b).logits
     torch.testing.assert_close(packed[:, :11], alone_a, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(packed[:, 11:], alone_b, atol=1e-5, rtol=1e-5)
+    # The trainer's prepared float mask (shared by all layers) keeps the packed positions.
+    with torch.no_grad():
+        mask = packed_attention_mask(position_ids, torch.float32)
+        float_masked = model(packed_ids, position_ids=position_ids, attention_mask=mask).logits
+    torch.testing.assert_close(float_masked, packed, atol=1e-6, rtol=0)
 
 
 @torch.no_grad()

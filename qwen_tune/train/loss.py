@@ -9,9 +9,18 @@ than ``chunk_size`` rows of logits:
 1. labels are shifted HF-style (position t predicts ``labels[t + 1]``);
 2. only the hidden rows whose shifted label is not ``IGNORE_INDEX`` are
    gathered (prompt / padding tokens never reach the LM head);
-3. those rows go through the LM head in chunks; each chunk is wrapped in a
-   non-reentrant activation checkpoint, so its logits are freed right after the
-   forward and recomputed, one chunk at a time, during backward.
+3. those rows go through the LM head in chunks, and each chunk's gradient is
+   taken while its logits are alive (``softmax - onehot``, one backward through
+   the head), so only ``[rows, hidden]`` input gradients (and the gradients of
+   a trainable head) are kept for backward.  That is the idea of liger-kernel's
+   fused linear cross-entropy in plain torch, so it also runs on CPU: two head
+   matmuls per row and one softmax pass, where an activation checkpoint per
+   chunk would need three matmuls and two softmax passes.
+
+Under DeepSpeed ZeRO-3 the head's parameters are partitioned and gathered by
+hooks around each call, so their gradients cannot be produced inside the
+forward; there each chunk is instead wrapped in a reentrant activation
+checkpoint and recomputed during backward.
 
 The LM head is always *called as a module* (``lm_head(x)``) so that wrappers
 and hooks keep working: peft ``ModulesToSaveWrapper``, LoRA on ``lm_head``,
@@ -25,6 +34,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -118,6 +128,74 @@ def _liger_ce_sum(lm_head: nn.Linear, rows: torch.Tensor, targets: torch.Tensor)
     return out.float()
 
 
+class _HeadCEWithGrads(torch.autograd.Function):
+    """Summed cross entropy of ``lm_head(rows)`` vs ``targets``, chunk by chunk, gradients taken in forward.
+
+    ``params`` are the head's trainable parameters: passing them as inputs lets autograd deliver
+    their gradients (accumulation, DDP/ZeRO-2 hooks) like any other leaf's.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, rows: torch.Tensor, targets: torch.Tensor, chunk_size: int, lm_head: nn.Module,
+                *params: torch.Tensor) -> torch.Tensor:
+        need_rows = ctx.needs_input_grad[0]
+        wants = [ctx.needs_input_grad[4 + i] for i in range(len(params))]
+        grad_rows = torch.empty_like(rows) if need_rows else None
+        grad_params: list[torch.Tensor | None] = [None] * len(params)
+        total = torch.zeros((), dtype=torch.float32, device=rows.device)
+        for start in range(0, rows.shape[0], chunk_size):
+            r = rows[start : start + chunk_size].detach().requires_grad_(need_rows)
+            t = targets[start : start + chunk_size]
+            with torch.enable_grad():
+                logits = lm_head(r)
+            lf = logits.detach().float()  # fp32 logits: the same tensor when the head is fp32
+            lse = torch.logsumexp(lf, dim=-1)
+            total += (lse - lf.gather(1, t[:, None]).squeeze(1)).sum()
+            wrt = ([r] if need_rows else []) + [p for p, w in zip(params, wants) if w]
+            if wrt and logits.requires_grad:
+                # d(sum CE)/d(logits) = softmax - onehot, built in place over the fp32 logits (nothing in a
+                # linear head's backward reads its output, so overwriting it is safe).
+                lf.sub_(lse[:, None]).exp_()
+                lf[torch.arange(t.numel(), device=t.device), t] -= 1.0
+                grads = list(torch.autograd.grad(logits, wrt, grad_outputs=lf.to(logits.dtype), allow_unused=True))
+                if need_rows:
+                    grad_rows[start : start + chunk_size] = grads.pop(0)
+                for i in (i for i, w in enumerate(wants) if w):
+                    g = grads.pop(0)
+                    if g is not None:
+                        grad_params[i] = g if grad_params[i] is None else grad_params[i].add_(g)
+            del logits, lf, lse
+        ctx.save_for_backward(grad_rows, *grad_params)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grad_rows, *grad_params = ctx.saved_tensors
+        scale = (lambda g: None if g is None else g * grad_out.to(g.dtype))
+        return (scale(grad_rows), None, None, None, *map(scale, grad_params))
+
+
+def _recomputed_ce_sum(lm_head: nn.Module, rows: torch.Tensor, targets: torch.Tensor, chunk_size: int,
+                       n_chunks: int) -> torch.Tensor:
+    """Sum of per-chunk CE, each chunk checkpointed (recomputed in backward): the ZeRO-3 path."""
+    loss_sum = None
+    grad = torch.is_grad_enabled()
+    zero3 = _zero3_partitioned(lm_head)
+    for i in range(n_chunks):
+        r = rows[i * chunk_size : (i + 1) * chunk_size]
+        t = targets[i * chunk_size : (i + 1) * chunk_size]
+        if grad and zero3 and not r.requires_grad:
+            part = _chunk_ce_sum(lm_head, r, t)  # a reentrant checkpoint needs an input that requires grad
+        elif grad:
+            # ZeRO-3 releases lm_head's gathered weight after each call, so a non-reentrant checkpoint would
+            # see an empty tensor at recompute; reentrant recomputation re-runs DeepSpeed's gather hooks.
+            part = checkpoint(_chunk_ce_sum, lm_head, r, t, use_reentrant=zero3)
+        else:
+            part = _chunk_ce_sum(lm_head, r, t)
+        loss_sum = part if loss_sum is None else loss_sum + part
+    return loss_sum
+
+
 # --------------------------------------------------------------------------- main entry
 
 
@@ -142,6 +220,7 @@ def causal_lm_loss(
     num_items_in_batch: int | torch.Tensor | None = None,
     chunk_size: int = 2048,
     use_liger: bool | None = None,
+    recompute: bool | None = None,
 ) -> torch.Tensor:
     """Causal-LM cross entropy from decoder hidden states, without full logits.
 
@@ -158,6 +237,9 @@ def causal_lm_loss(
         use_liger: ``True`` to request liger's fused linear+CE (falls back to
             the chunked path when not applicable), ``False`` to never use it,
             ``None`` to use it automatically on CUDA when installed.
+        recompute: ``True`` forces checkpointed chunks (recomputed in backward),
+            ``False`` gradients taken in forward; ``None`` picks recompute only
+            for a ZeRO-3 partitioned head, which requires it.
 
     Returns:
         fp32 scalar loss, equal (up to float rounding) to
@@ -173,32 +255,28 @@ def causal_lm_loss(
 
     hidden_flat, rows, targets = supervised_rows(hidden_states, labels)
     n_valid = rows.shape[0]
+    zero3 = _zero3_partitioned(lm_head)
+    if recompute is None:
+        recompute = zero3
+    elif not recompute and zero3:
+        raise ValueError("recompute=False is impossible with a ZeRO-3 partitioned lm_head")
 
     if n_valid > 0 and _liger_usable(lm_head, hidden_states, use_liger):
         loss_sum = _liger_ce_sum(lm_head, rows, targets)
     else:
+        # ZeRO-3 ranks must all call the head equally often; ranks without rows then run empty chunks.
         n_chunks = _synced_num_chunks(math.ceil(n_valid / chunk_size), lm_head, hidden_states.device)
-        if n_valid == 0 and n_chunks == 0:
+        if n_chunks == 0:
             # Nothing to supervise. Still run the head on zero rows so every parameter
             # that requires grad (decoder *and* LM head / its adapters) gets a (zero)
             # gradient: DDP / DeepSpeed would otherwise wait for missing reductions.
             empty = lm_head(hidden_flat[:0]).float().sum()
             return (hidden_states.sum() * 0).float() + empty * 0
-        loss_sum = None
-        grad = torch.is_grad_enabled()
-        zero3 = _zero3_partitioned(lm_head)
-        for i in range(n_chunks):
-            r = rows[i * chunk_size : (i + 1) * chunk_size]
-            t = targets[i * chunk_size : (i + 1) * chunk_size]
-            if grad and zero3 and not r.requires_grad:
-                part = _chunk_ce_sum(lm_head, r, t)  # a reentrant checkpoint needs an input that requires grad
-            elif grad:
-                # ZeRO-3 releases lm_head's gathered weight after each call, so a non-reentrant checkpoint would
-                # see an empty tensor at recompute; reentrant recomputation re-runs DeepSpeed's gather hooks.
-                part = checkpoint(_chunk_ce_sum, lm_head, r, t, use_reentrant=zero3)
-            else:
-                part = _chunk_ce_sum(lm_head, r, t)
-            loss_sum = part if loss_sum is None else loss_sum + part
+        if recompute or not torch.is_grad_enabled():
+            loss_sum = _recomputed_ce_sum(lm_head, rows, targets, chunk_size, n_chunks)
+        else:
+            params = [p for p in lm_head.parameters() if p.requires_grad]
+            loss_sum = _HeadCEWithGrads.apply(rows, targets, chunk_size, lm_head, *params)
         if n_valid == 0:  # only possible with synced (ZeRO-3) empty chunks
             return (hidden_states.sum() * 0).float() + loss_sum * 0
 

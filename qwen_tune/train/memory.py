@@ -49,8 +49,9 @@ NCCL_BYTES = int(0.6e9)
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit codes, 8-bit absmax per 64, fp32 per 256 absmax (double quant)
 NF4_BYTES_NO_DQ = 0.5 + 4 / 64  # 4-bit codes, fp32 absmax per 64
 GPTQ_BYTES = 0.5 + 2 / 128 + 0.5 / 128  # 4-bit codes, fp16 scale + 4-bit zero per group of 128
-# A log-softmax + NLL backward holds three [rows, vocab] buffers at once (incoming gradient, saved
-# log-probs, outgoing gradient) in the loss dtype; `estimate_logits_bytes` counts two fp32 ones.
+# The chunked loss holds, per chunk, the head's logits (compute dtype), their fp32 copy, the logsumexp
+# temporary and the compute-dtype gradient: three fp32-sized [rows, vocab] buffers in bf16 (two in fp32);
+# the plain loss's log-softmax + NLL backward holds three too. `estimate_logits_bytes` counts two fp32 ones.
 LOSS_PEAK_FACTOR = 1.5
 
 _DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -846,6 +847,10 @@ def _activations(shape: ModelShape, recipe: Recipe, b: int, a: int, p: int, T: i
     expert_eff = (3 * shape.hidden * shape.moe_ff * shape.experts * p
                   if recipe.method != "full" and shape.expert_lora_params(targets, lora.r) else 0)
 
+    sdpa = recipe.model.attn_implementation == "sdpa"
+    # Packed rows: QwenTrainer passes one float block mask shared by all layers. Padded rows: transformers passes
+    # a boolean mask, which SDPA converts to a new float tensor in every layer and keeps for that layer's backward.
+    per_layer_mask = rows * S * S * b if sdpa and not recipe.data.packing and rows > 1 else 0
     layers = scores = worst = 0
     for kind in shape.layer_kinds:
         if kind.attn == "full":
@@ -856,20 +861,27 @@ def _activations(shape: ModelShape, recipe: Recipe, b: int, a: int, p: int, T: i
         mlp = 4 * b * kind.mlp_width + kind.moe_tokens * b * h
         lo = sum(per_lora * lora_in[n] + b * lora.r for n in kind.linears if n in lora_in)
         layer = (2 * norm + attn + mlp + lo) * T + (expert_eff if kind.moe_tokens else 0)
+        if kind.attn == "full":
+            layer += per_layer_mask
         if kind.attn == "full" and eager:  # eager attention keeps softmax probabilities per layer
             quad = rows * shape.heads * S * S * (4 + b)
             layer += quad
             scores += quad * kind.count
         layers += layer * kind.count
         worst = max(worst, layer)
-    use_mask = recipe.model.attn_implementation == "sdpa" and (recipe.data.packing or rows > 1)
+    if sdpa and recipe.data.packing:
+        mask = rows * S * S * b
+    elif sdpa and rows > 1:
+        mask = rows * S * S
+    else:
+        mask = 0
     return {
         "layers": int(layers),
         "checkpoints": int(b * h * T * shape.layers),
         "recompute": int(worst + 2 * b * h * T),
         "head": int((4 * h + b * h) * T),  # final norm (+ the hidden rows the loss reads)
         "embedding": int(b * h * T),
-        "mask": int(rows * S * S) if use_mask else 0,  # boolean padding / block-diagonal mask shared by all layers
+        "mask": int(mask),  # the mask tensor passed to every layer
         "scores": int(scores),
     }
 

@@ -12,9 +12,9 @@ including its inference-time context extension:
 Both are inference-only, as in the original: in training mode they are off.
 
 Positions: like the original, rotary and logn use the absolute slot index (cache length + offset), so a left-padded
-row keeps its padding slots as positions. ``position_ids`` are honoured only when there is no ``attention_mask``,
-which is the padding-free packed format: positions restarting inside a row start a new sample, attention becomes
-block-diagonal causal, and NTK uses each sample's own length.
+row keeps its padding slots as positions. ``position_ids`` are honoured only when there is no ``attention_mask`` or
+a prepared 4-D one, which is the padding-free packed format: positions restarting inside a row start a new sample,
+attention becomes block-diagonal causal, and NTK uses each sample's own length.
 """
 
 import math
@@ -314,8 +314,8 @@ class QWenModel(QWenPreTrainedModel):
             cache = DynamicCache(config=self.config)
         past_len = cache.get_seq_length() if cache is not None else 0
 
-        # Absolute slot index unless this is a packed batch (position_ids, no attention_mask): see module docstring.
-        if position_ids is not None and attention_mask is None:
+        # Absolute slot index unless this is a packed batch (position_ids, no 2-D attention_mask): see module docstring.
+        if position_ids is not None and (attention_mask is None or attention_mask.dim() == 4):
             positions = position_ids.view(-1, T).expand(B, T)
         else:
             positions = torch.arange(past_len, past_len + T, device=hidden_states.device).expand(B, T)
