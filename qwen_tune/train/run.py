@@ -104,7 +104,8 @@ def training_arguments(recipe: Recipe, out: Path, has_eval: bool) -> TrainingArg
     )
 
 
-def run_training(recipe: Recipe) -> RunResult:
+def run_training(recipe: Recipe, callbacks: list[Any] | None = None) -> RunResult:
+    """Train as the recipe says; `callbacks` are extra transformers TrainerCallbacks (e.g. a profiler's timer)."""
     quiet_non_main_ranks()
     out = Path(recipe.output.dir)
     resume = _check_output_dir(out, recipe)
@@ -150,7 +151,7 @@ def run_training(recipe: Recipe) -> RunResult:
     collator = make_collator(recipe.data.packing, loaded.tokenizer.pad_token_id, recipe.data.pad_to_multiple_of,
                              recipe.model.attn_implementation)
     trainer = QwenTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
-                          data_collator=collator, processing_class=loaded.tokenizer,
+                          data_collator=collator, processing_class=loaded.tokenizer, callbacks=callbacks,
                           loss_mode=recipe.training.loss, loss_chunk_size=recipe.training.loss_chunk_size)
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
