@@ -24,7 +24,7 @@ Reported per cell: peak memory (GPU: torch.cuda.max_memory_allocated and max_mem
 seconds per optimizer step (median over the steps after the first), tokens/s and MFU (model FLOPs per
 token: 2 x matmul parameters + causal attention, x3 for full training, x2 for LoRA / Q-LoRA whose frozen
 weights get no weight gradient; recomputation from checkpointing is not counted, as usual for MFU).
-Results: bench/results/<--name>.{json,md}.
+Results: <--results-dir>/<--name>.{json,md} (default bench/results/profile_<model>_<device>).
 """
 
 from __future__ import annotations
@@ -276,6 +276,7 @@ def main() -> int:
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
     ap.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
     ap.add_argument("--name", default=None, help="results file name (default: profile_<model>_<device>)")
+    ap.add_argument("--results-dir", default=str(RESULTS), help="where <name>.{json,md} go (default bench/results)")
     ap.add_argument("--cell", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -330,11 +331,12 @@ def main() -> int:
     md = report(results, info, args, cfg, peak)
     print(md)
     name = args.name or f"profile_{args.model}_{device}"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps({"machine": info, "model": args.model, "config": cfg,
-                                                      "peak_tflops": peak, "results": results}, indent=2))
-    (RESULTS / f"{name}.md").write_text(md)
-    print(f"results: {RESULTS / name}.{{json,md}}")
+    out = Path(args.results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps({"machine": info, "model": args.model, "config": cfg,
+                                                 "peak_tflops": peak, "results": results}, indent=2))
+    (out / f"{name}.md").write_text(md)
+    print(f"results: {out / name}.{{json,md}}")
     return 0 if all("error" not in r for r in results) else 1
 
 
