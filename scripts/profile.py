@@ -42,6 +42,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+# This file's name shadows the stdlib `profile` module (which cProfile, and so torch, import): drop its directory.
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path.pop(0)
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 
@@ -118,6 +122,9 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
 
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
+            self.marks: list[float] = []
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             self.marks = [time.perf_counter()]
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
@@ -147,7 +154,7 @@ def run_cell(cell: dict[str, Any]) -> dict[str, Any]:
     steps = [b - a for a, b in zip(timer.marks, timer.marks[1:])]
     tokens_per_step = seq * cell["grad_accum"]
     s_per_it = statistics.median(steps[1:] if len(steps) > 1 else steps)
-    out = {**{k: cell[k] for k in ("method", "seq", "side")}, "steps": result.steps, "s_per_it": s_per_it,
+    out = {**{k: cell[k] for k in ("method", "seq", "side")}, "steps": result.global_step, "s_per_it": s_per_it,
            "tokens_per_s": tokens_per_step / s_per_it, "step_times_s": steps,
            "loss": result.summary.get("last_logged_loss")}
     if torch.cuda.is_available():
