@@ -54,7 +54,7 @@ def _run(kind: str, head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
     else:
         loss = causal_lm_loss(h, head, labels, chunk_size=chunk, use_liger=False, recompute=kind == "recompute")
     loss.backward()
-    return float(loss)
+    return float(loss.detach())
 
 
 def timing(T: int, label_frac: float, chunk: int, repeats: int) -> dict:
