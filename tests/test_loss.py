@@ -87,9 +87,11 @@ def test_grad_out_scaling_and_accumulation(setup):
     torch.testing.assert_close(head.weight.grad, head_ref.weight.grad, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("recompute", [False, True])
-def test_head_sees_only_supervised_rows_in_chunks(setup, recompute):
+@pytest.mark.parametrize("recompute,dtype", [(False, torch.float32), (True, torch.float32), (None, torch.float16)],
+                         ids=["grads-in-forward", "recompute", "fp16-recomputes"])
+def test_head_sees_only_supervised_rows_in_chunks(setup, recompute, dtype):
     head, hidden, labels, _ = setup
+    head, hidden = head.to(dtype), hidden.to(dtype)
     n_valid = int((labels[:, 1:] != IGNORE_INDEX).sum())
     rows_seen = []
     handle = head.register_forward_hook(lambda m, args, out: rows_seen.append(args[0].shape[0]))
@@ -99,7 +101,7 @@ def test_head_sees_only_supervised_rows_in_chunks(setup, recompute):
         handle.remove()
     fwd = [7] * (n_valid // 7) + [n_valid % 7]
     assert rows_seen[: len(fwd)] == fwd  # forward: only supervised rows, chunk by chunk
-    if recompute:
+    if recompute is not False:
         assert sorted(rows_seen[len(fwd) :]) == sorted(fwd)  # backward: each chunk recomputed once
     else:
         assert len(rows_seen) == len(fwd)  # gradients were taken in forward: no second pass

@@ -17,10 +17,16 @@ than ``chunk_size`` rows of logits:
    matmuls per row and one softmax pass, where an activation checkpoint per
    chunk would need three matmuls and two softmax passes.
 
-Under DeepSpeed ZeRO-3 the head's parameters are partitioned and gathered by
-hooks around each call, so their gradients cannot be produced inside the
-forward; there each chunk is instead wrapped in a reentrant activation
-checkpoint and recomputed during backward.
+Two cases keep the older scheme, each chunk wrapped in an activation
+checkpoint and recomputed during backward:
+
+* DeepSpeed ZeRO-3: the head's parameters are partitioned and gathered by
+  hooks around each call, so their gradients cannot be produced inside the
+  forward (the checkpoint is reentrant so recomputation re-gathers them);
+* fp16 logits (GPTQ Q-LoRA on GPU): a gradient taken in the forward would be
+  cast to fp16 *before* the loss scale multiplies it, and most of the
+  softmax probabilities of a 151,936-token vocabulary are below fp16's normal
+  range; the recomputed backward applies the scale first, like the plain loss.
 
 The LM head is always *called as a module* (``lm_head(x)``) so that wrappers
 and hooks keep working: peft ``ModulesToSaveWrapper``, LoRA on ``lm_head``,
@@ -85,6 +91,14 @@ def _synced_num_chunks(n_chunks: int, lm_head: nn.Module, device: torch.device) 
     t = torch.tensor([n_chunks], dtype=torch.long, device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return int(t.item())
+
+
+def _fp16_logits(hidden: torch.Tensor) -> bool:
+    """Whether the head will produce fp16 logits (fp16 weights, or fp16 autocast)."""
+    if hidden.dtype == torch.float16:
+        return True
+    dev = hidden.device.type
+    return torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.float16
 
 
 def _chunk_ce_sum(lm_head: nn.Module, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -239,7 +253,7 @@ def causal_lm_loss(
             ``None`` to use it automatically on CUDA when installed.
         recompute: ``True`` forces checkpointed chunks (recomputed in backward),
             ``False`` gradients taken in forward; ``None`` picks recompute only
-            for a ZeRO-3 partitioned head, which requires it.
+            for a ZeRO-3 partitioned head (which requires it) and fp16 logits.
 
     Returns:
         fp32 scalar loss, equal (up to float rounding) to
@@ -257,7 +271,7 @@ def causal_lm_loss(
     n_valid = rows.shape[0]
     zero3 = _zero3_partitioned(lm_head)
     if recompute is None:
-        recompute = zero3
+        recompute = zero3 or _fp16_logits(hidden_states)
     elif not recompute and zero3:
         raise ValueError("recompute=False is impossible with a ZeRO-3 partitioned lm_head")
 
