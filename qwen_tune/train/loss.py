@@ -191,7 +191,7 @@ class _HeadCEWithGrads(torch.autograd.Function):
 
 def _recomputed_ce_sum(lm_head: nn.Module, rows: torch.Tensor, targets: torch.Tensor, chunk_size: int,
                        n_chunks: int) -> torch.Tensor:
-    """Sum of per-chunk CE, each chunk checkpointed (recomputed in backward): the ZeRO-3 path."""
+    """Sum of per-chunk CE, each chunk checkpointed (recomputed in backward): ZeRO-3, fp16 logits, no-grad eval."""
     loss_sum = None
     grad = torch.is_grad_enabled()
     zero3 = _zero3_partitioned(lm_head)
