@@ -85,3 +85,26 @@ def test_packed_float_mask_matches_transformers_mask(samples):
         got = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask,
                     use_cache=False).logits
     torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
+
+
+def test_trainer_passes_the_shared_mask_for_packed_sdpa(samples, tmp_path):
+    from transformers import TrainingArguments
+
+    from qwen_tune.train.trainer import QwenTrainer
+
+    model = tiny_qwen2("sdpa")
+    trainer = QwenTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"))
+    batch = PackingCollator()(samples)
+    seen = {}
+    handle = model.model.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.update(mask=kwargs.get("attention_mask")), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            loss = trainer.compute_loss(model, dict(batch))
+    finally:
+        handle.remove()
+    assert torch.equal(seen["mask"], packed_attention_mask(batch["position_ids"], torch.float32))
+    n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    with torch.no_grad():
+        expected = per_token_loss_sum(model, batch) / n  # transformers' own packed (boolean) mask
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
