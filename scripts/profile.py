@@ -174,13 +174,12 @@ def prepare_checkpoints(cfg: dict[str, Any], methods: list[str], work: Path, dev
     """Random-weight checkpoints: a chat and a base one (is_chat decides trainable embeddings) and a GPTQ copy."""
     from qwen_tune.models.loading import build_from_config
 
+    needed = {"chat": bool({"lora", "qlora", "full"} & set(methods)), "base": "lora_emb" in methods}
     ckpts = {}
-    for chat in (True, False):
-        if chat and not {"lora", "qlora", "full"} & set(methods) or not chat and "lora_emb" not in methods:
-            continue
-        conf = work / f"config_{'chat' if chat else 'base'}.json"
-        conf.write_text(json.dumps({**cfg, "qwen_tune_is_chat": chat}))
-        ckpts["chat" if chat else "base"] = str(build_from_config(conf, work / f"model_{'chat' if chat else 'base'}"))
+    for kind in (k for k, need in needed.items() if need):
+        conf = work / f"config_{kind}.json"
+        conf.write_text(json.dumps({**cfg, "qwen_tune_is_chat": kind == "chat"}))
+        ckpts[kind] = str(build_from_config(conf, work / f"model_{kind}"))
     if "qlora" in methods:
         from qwen_tune.models.gptq import quantize_checkpoint
 
@@ -239,7 +238,7 @@ def report(results: list[dict[str, Any]], info: dict[str, Any], args: argparse.N
     lines = [f"# Profile: {args.model}, reference recipe vs qwen-tune\n",
              f"Machine: {json.dumps(info)}\n",
              f"batch 1, gradient accumulation {args.grad_accum}, gradient checkpointing, {args.steps} optimizer steps "
-             f"per cell (s/it: median after the first), attention {args.attn_used}; MFU against "
+             f"per cell (s/it: median after the first), attention {args.attn}; MFU against "
              f"{peak_tflops or 'unknown'} TFLOPS.\n",
              f"| method | seq | {mem_label}: reference | qwen-tune | ratio | s/it: reference | qwen-tune | speed-up "
              "| MFU reference | MFU qwen-tune |",
@@ -307,7 +306,6 @@ def main() -> int:
             args.attn = "flash_attention_2" if device == "cuda" else "sdpa"
         except ImportError:
             args.attn = "sdpa"
-    args.attn_used = args.attn
     deepspeed = args.full_deepspeed or (str(REPO / "ds_configs" / "zero2.json") if device == "cuda" else None)
     cfg = model_config(args.model)
     info = device_info(device)

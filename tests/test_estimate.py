@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwen_tune.config import ConfigError, load_recipe, recipe_from_dict
+from qwen_tune.config import ConfigError, recipe_from_dict
 from qwen_tune.train.loss import estimate_logits_bytes
 from qwen_tune.train.memory import (
     LOSS_PEAK_FACTOR,

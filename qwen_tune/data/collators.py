@@ -72,6 +72,12 @@ class PackingCollator:
         return out
 
 
+def packed_sample_index(position_ids: torch.Tensor) -> torch.Tensor:
+    """Sample number of every token of packed rows ``[B, T]``: a sample starts wherever
+    ``position_ids`` do not step by +1 (the layout `PackingCollator` writes)."""
+    return (torch.diff(position_ids, dim=-1, prepend=position_ids[:, :1] - 1) != 1).cumsum(-1)
+
+
 def make_collator(packing: bool, pad_id: int, pad_to_multiple_of: int | None = None,
                   attn_implementation: str = "sdpa") -> PaddingCollator | PackingCollator:
     if packing:

@@ -80,13 +80,13 @@ def _zero3_partitioned(module: nn.Module) -> bool:
     return any(hasattr(p, "ds_id") for p in module.parameters())
 
 
-def _synced_num_chunks(n_chunks: int, lm_head: nn.Module, device: torch.device) -> int:
+def _synced_num_chunks(n_chunks: int, zero3: bool, device: torch.device) -> int:
     """Under ZeRO-3 every ``lm_head`` call is a collective (parameter all-gather),
     so all ranks must call it the same number of times: take the max over ranks.
     Ranks with fewer rows then run empty chunks."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if not zero3 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return n_chunks
-    if torch.distributed.get_world_size() <= 1 or not _zero3_partitioned(lm_head):
+    if torch.distributed.get_world_size() <= 1:
         return n_chunks
     t = torch.tensor([n_chunks], dtype=torch.long, device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
@@ -190,11 +190,10 @@ class _HeadCEWithGrads(torch.autograd.Function):
 
 
 def _recomputed_ce_sum(lm_head: nn.Module, rows: torch.Tensor, targets: torch.Tensor, chunk_size: int,
-                       n_chunks: int) -> torch.Tensor:
+                       n_chunks: int, zero3: bool) -> torch.Tensor:
     """Sum of per-chunk CE, each chunk checkpointed (recomputed in backward): ZeRO-3, fp16 logits, no-grad eval."""
     loss_sum = None
     grad = torch.is_grad_enabled()
-    zero3 = _zero3_partitioned(lm_head)
     for i in range(n_chunks):
         r = rows[i * chunk_size : (i + 1) * chunk_size]
         t = targets[i * chunk_size : (i + 1) * chunk_size]
@@ -279,7 +278,7 @@ def causal_lm_loss(
         loss_sum = _liger_ce_sum(lm_head, rows, targets)
     else:
         # ZeRO-3 ranks must all call the head equally often; ranks without rows then run empty chunks.
-        n_chunks = _synced_num_chunks(math.ceil(n_valid / chunk_size), lm_head, hidden_states.device)
+        n_chunks = _synced_num_chunks(math.ceil(n_valid / chunk_size), zero3, hidden_states.device)
         if n_chunks == 0:
             # Nothing to supervise. Still run the head on zero rows so every parameter
             # that requires grad (decoder *and* LM head / its adapters) gets a (zero)
@@ -287,7 +286,7 @@ def causal_lm_loss(
             empty = lm_head(hidden_flat[:0]).float().sum()
             return (hidden_states.sum() * 0).float() + empty * 0
         if recompute or not torch.is_grad_enabled():
-            loss_sum = _recomputed_ce_sum(lm_head, rows, targets, chunk_size, n_chunks)
+            loss_sum = _recomputed_ce_sum(lm_head, rows, targets, chunk_size, n_chunks, zero3)
         else:
             params = [p for p in lm_head.parameters() if p.requires_grad]
             loss_sum = _HeadCEWithGrads.apply(rows, targets, chunk_size, lm_head, *params)

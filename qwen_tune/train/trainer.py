@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from ..data.collators import packed_sample_index
 from .loss import causal_lm_loss
 
 COMPLETE_MARKER = "qwen_tune_complete"
@@ -48,7 +49,7 @@ def packed_attention_mask(position_ids: torch.Tensor, dtype: torch.dtype) -> tor
     mask into a new float tensor in every layer and keeps it for backward (T^2 floats per layer: 256 MB
     per layer at 8k tokens). One float mask passed in is shared by all layers instead.
     """
-    sample = (torch.diff(position_ids, dim=-1, prepend=position_ids[:, :1] - 1) != 1).cumsum(-1)
+    sample = packed_sample_index(position_ids)
     T = position_ids.shape[-1]
     causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril_()
     blocked = ~((sample[:, :, None] == sample[:, None, :]) & causal)

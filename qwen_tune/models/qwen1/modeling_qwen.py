@@ -31,6 +31,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 
+from ...data.collators import packed_sample_index
 from .configuration_qwen import QWenConfig
 
 # transformers renamed the output field `past_key_values` to `cache`; write whichever this version declares.
@@ -273,7 +274,7 @@ class QWenModel(QWenPreTrainedModel):
             lengths = attention_mask.sum(-1, keepdim=True)  # real tokens per row
         else:
             # One length per sample: a step other than +1 starts a new packed sample, whose length is last position + 1.
-            sample = (torch.diff(positions, dim=-1, prepend=positions[:, :1] - 1) != 1).cumsum(-1)
+            sample = packed_sample_index(positions)
             last = torch.zeros_like(positions).scatter_reduce(1, sample, positions, reduce="amax")
             lengths = last.gather(1, sample) + 1
         lengths = lengths.expand(B, T)
