@@ -13,6 +13,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .constants import DEFAULT_LOSS_CHUNK_SIZE
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RECIPES_DIR = REPO_ROOT / "recipes"
 
@@ -109,7 +111,7 @@ class TrainingConfig(_Section):
     seed: int = 42
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     loss: Literal["chunked", "plain"] = "chunked"
-    loss_chunk_size: int = 1024  # rows of logits alive at once: 1024 x 151,936 x 4 B = 0.6 GB
+    loss_chunk_size: int = DEFAULT_LOSS_CHUNK_SIZE  # rows of logits alive at once: 1024 x 151,936 x 4 B = 0.6 GB
     freeze: list[str] = Field(default_factory=list)  # full method: parameter name substrings kept frozen
     eval_steps: Optional[int] = None
     dataloader_workers: int = 0

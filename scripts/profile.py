@@ -75,7 +75,7 @@ def model_config(name: str) -> dict[str, Any]:
         return json.loads((REPO / "qwen_tune" / "assets" / "tiny_qwen2.json").read_text())
     if name in MODELS:
         return dict(MODELS[name])
-    from qwen_tune.train.memory import QWEN1_PRESETS
+    from qwen_tune.estimate import QWEN1_PRESETS
 
     if name in QWEN1_PRESETS:
         return dict(QWEN1_PRESETS[name])
@@ -181,7 +181,7 @@ def prepare_checkpoints(cfg: dict[str, Any], methods: list[str], work: Path, dev
         conf.write_text(json.dumps({**cfg, "qwen_tune_is_chat": kind == "chat"}))
         ckpts[kind] = str(build_from_config(conf, work / f"model_{kind}"))
     if "qlora" in methods:
-        from qwen_tune.models.gptq import quantize_checkpoint
+        from qwen_tune.export.quantize import quantize_checkpoint
 
         gptq = work / "model_int4"
         if not (gptq / "config.json").exists():

@@ -14,7 +14,7 @@ import torch
 
 from qwen_tune.config import ConfigError, recipe_from_dict
 from qwen_tune.train.loss import estimate_logits_bytes
-from qwen_tune.train.memory import (
+from qwen_tune.estimate import (
     LOSS_PEAK_FACTOR,
     QWEN1_PRESETS,
     QWEN1_PUBLISHED,

@@ -93,8 +93,9 @@ def qwen1_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (base / "config.json").write_text(json.dumps(config, indent=2))
     (base / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "QWenTokenizer", "auto_map": {"AutoTokenizer": ["tokenization_qwen.QWenTokenizer", None]}}))
-    # A link keeps the parsed BPE cached across loads (parsing qwen.tiktoken takes seconds); the merge copies bytes.
-    (base / "qwen.tiktoken").symlink_to(QWEN_TIKTOKEN_PATH)
+    # A copy (the parsed BPE is cached by content, so it is parsed once): a link pointing out of the base would not
+    # be copied into the merged output (see test_checkpoint.py).
+    shutil.copy2(QWEN_TIKTOKEN_PATH, base / "qwen.tiktoken")
     (base / "modeling_qwen.py").write_text("# dummy remote code\n")
     (base / "tokenization_qwen.py").write_text("# dummy remote code\n")
     # A base (not chat) checkpoint: raw format, stops on <|endoftext|> only.

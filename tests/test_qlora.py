@@ -20,8 +20,10 @@ from safetensors.torch import load_file
 
 from conftest import EXAMPLES, run_cli
 from qwen_tune.config import ConfigError, load_recipe
-from qwen_tune.models import gptq
-from qwen_tune.models.loading import build_from_config, load_model
+from qwen_tune import quant as gptq
+from qwen_tune.models.loading import build_from_config
+from qwen_tune.train.loading import load_model
+from qwen_tune.verify import compare_logits
 from qwen_tune.train.run import run_training
 
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
@@ -43,7 +45,7 @@ PROBE = torch.tensor([[151644, 8948, 198, 2610, 525, 264, 10950, 17847, 13, 1516
 
 
 def _cos_max(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
-    return gptq.compare_logits(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]))
+    return compare_logits(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]))
 
 
 @torch.no_grad()
@@ -270,7 +272,7 @@ def _targets(family: str) -> str:
 def test_gradients_reach_only_lora_weights_on_a_gptq_base(ckpts, backend, monkeypatch):
     from qwen_tune.models.families import get_family
     from qwen_tune.train.methods import apply_method
-    from qwen_tune.train.quant import quantization_kwargs
+    from qwen_tune.quant.backend import quantization_kwargs
 
     monkeypatch.setenv("QWEN_TUNE_GPTQ_BACKEND", backend)
     base = ckpts["qwen2-int4-v1"]
@@ -299,7 +301,7 @@ def test_qlora_on_gptq_trains_saves_reloads_and_merges(ckpts, small_data, tmp_pa
                                                        capsys):
     from transformers import AutoModelForCausalLM
 
-    from qwen_tune.train.quant import load_adapter
+    from qwen_tune.quant.training import load_adapter
 
     monkeypatch.setenv("QWEN_TUNE_GPTQ_BACKEND", backend)
     base = ckpts[f"{family}-int4-v1"]
@@ -362,7 +364,8 @@ def test_nf4_eval_then_train_and_only_lora_trains(ckpts):
 
     from qwen_tune.models.families import get_family
     from qwen_tune.train.methods import apply_method
-    from qwen_tune.train.quant import prepare_loaded_model, quantization_kwargs
+    from qwen_tune.quant.backend import quantization_kwargs
+    from qwen_tune.quant.training import prepare_loaded_model
 
     base = ckpts["qwen2"]
     recipe = qlora_recipe(base, EXAMPLES / "example.json", Path("unused"), "quantization.method=nf4",
@@ -480,7 +483,7 @@ def test_modules_to_save_refused_on_a_quantized_base(ckpts, tmp_path, caplog):
 def test_missing_optional_dependencies_name_the_extra(ckpts, tmp_path, monkeypatch):
     import sys
 
-    from qwen_tune.train import quant
+    from qwen_tune.quant import backend as quant
 
     nf4 = qlora_recipe(ckpts["qwen2"], EXAMPLES / "example.json", tmp_path / "o", "quantization.method=nf4")
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes -> ImportError

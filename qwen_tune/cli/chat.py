@@ -34,14 +34,14 @@ def build_prompt_ids(tokenizer: Any, system: str, history: list[tuple[str, str]]
 def load_for_chat(model_dir: str, adapter: str | None) -> tuple[Any, Any]:
     import torch
 
-    from ..models.loading import load_model
+    from ..train.loading import load_model
 
     dtype = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
     loaded = load_model(model_dir, dtype=dtype)
     model, tokenizer = loaded.model, loaded.tokenizer
     if adapter:
         from ..data.tokenizer import load_tokenizer
-        from ..train.quant import load_adapter  # knows qwen-tune's GPTQ layers too
+        from ..quant.training import load_adapter  # knows qwen-tune's GPTQ layers too
 
         model = load_adapter(model, adapter)
         tokenizer = load_tokenizer(adapter) if _has_tokenizer(adapter) else tokenizer

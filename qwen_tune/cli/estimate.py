@@ -29,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _model_config(spec: str | None) -> dict | None:
     if spec is None:
         return None
-    from ..train.memory import QWEN1_PRESETS
+    from ..estimate import QWEN1_PRESETS
 
     if spec.lower() in QWEN1_PRESETS:
         return dict(QWEN1_PRESETS[spec.lower()])
@@ -42,7 +42,7 @@ def _model_config(spec: str | None) -> dict | None:
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
-    from ..train.memory import estimate_memory
+    from ..estimate import estimate_memory
 
     recipe = load_recipe(args.recipe, args.overrides)
     est = estimate_memory(recipe, gpus=args.gpus, model_config=_model_config(args.config))

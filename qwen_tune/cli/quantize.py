@@ -41,7 +41,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    from ..models.gptq import quantize_checkpoint
+    from ..export.quantize import quantize_checkpoint
 
     r = quantize_checkpoint(args.model, args.out, bits=args.bits, group_size=args.group_size, sym=not args.asym,
                             fmt=args.format, calib=args.calib, algorithm=args.algorithm, n_samples=args.samples,

@@ -14,7 +14,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .template import IGNORE_INDEX
+from ..constants import IGNORE_INDEX
+from ..models.packing import packed_sample_index  # noqa: F401 - re-exported: the layout PackingCollator writes
 
 
 @dataclass
@@ -70,12 +71,6 @@ class PackingCollator:
             cu = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
             out.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lens), max_length_k=max(lens))
         return out
-
-
-def packed_sample_index(position_ids: torch.Tensor) -> torch.Tensor:
-    """Sample number of every token of packed rows ``[B, T]``: a sample starts wherever
-    ``position_ids`` do not step by +1 (the layout `PackingCollator` writes)."""
-    return (torch.diff(position_ids, dim=-1, prepend=position_ids[:, :1] - 1) != 1).cumsum(-1)
 
 
 def make_collator(packing: bool, pad_id: int, pad_to_multiple_of: int | None = None,

@@ -21,6 +21,7 @@ from typing import Any, Iterable, Iterator
 import datasets
 
 from ..config import DataConfig, DatasetSpec
+from ..constants import cache_root
 from .formats import Conversation, DataError, RawRecord, detect_file_format, list_data_files, read_records, to_conversation
 from .report import DataReport
 from .template import TEMPLATE_VERSION, ChatMLEncoder
@@ -39,7 +40,7 @@ class PreparedData:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("QWEN_TUNE_CACHE", Path.home() / ".cache" / "qwen_tune"))
+    return cache_root()
 
 
 # ---------------------------------------------------------------- reading + validation

@@ -17,10 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
+from ..constants import IGNORE_INDEX, IM_END, IM_START
 from .formats import Conversation
-from .tokenizer import IM_END, IM_START, encode_texts
+from .tokenizer import encode_texts
 
-IGNORE_INDEX = -100
 DEFAULT_SYSTEM = "You are a helpful assistant."
 MaskMode = Literal["reference", "assistant_only"]
 TruncationMode = Literal["cut", "drop"]

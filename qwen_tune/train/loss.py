@@ -47,9 +47,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ..constants import DEFAULT_LOSS_CHUNK_SIZE, IGNORE_INDEX
+
 __all__ = ["IGNORE_INDEX", "causal_lm_loss", "estimate_logits_bytes"]
 
-IGNORE_INDEX = -100
 
 _FP32_BYTES = 4
 
@@ -231,7 +232,7 @@ def causal_lm_loss(
     labels: torch.Tensor,
     *,
     num_items_in_batch: int | torch.Tensor | None = None,
-    chunk_size: int = 2048,
+    chunk_size: int = DEFAULT_LOSS_CHUNK_SIZE,
     use_liger: bool | None = None,
     recompute: bool | None = None,
 ) -> torch.Tensor:

@@ -10,6 +10,7 @@ from transformers import PreTrainedModel
 
 from ..config import ConfigError, Recipe
 from ..models.families import Family
+from ..quant.training import register_quantized_lora_layers
 from .distributed import check_combination
 
 log = logging.getLogger(__name__)
@@ -74,8 +75,6 @@ def apply_method(model: PreTrainedModel, recipe: Recipe, family: Family, is_chat
                      target_modules=targets, bias=recipe.lora.bias, task_type="CAUSAL_LM",
                      modules_to_save=modules_to_save)
     if recipe.method == "qlora":
-        from .quant import register_quantized_lora_layers
-
         register_quantized_lora_layers(cfg, model)  # qwen-tune's PyTorch GPTQ layers (no-op otherwise)
     try:
         model = get_peft_model(model, cfg)

@@ -18,11 +18,13 @@ from transformers import TrainingArguments, set_seed
 from ..config import ConfigError, Recipe
 from ..data.collators import make_collator
 from ..data.dataset import prepare_data
-from ..models.loading import build_from_config, load_model, resolve_precision
+from ..models.loading import build_from_config, resolve_precision
+from ..quant.backend import quantization_kwargs, resolve_quantized_precision
+from ..quant.training import prepare_loaded_model
 from .distributed import (check_combination, fsdp_arguments, init_distributed_for_cpu, quiet_non_main_ranks,
                           zero3_init_disabled)
+from .loading import load_model
 from .methods import apply_method, count_parameters
-from .quant import prepare_loaded_model, quantization_kwargs, resolve_quantized_precision
 from .trainer import QwenTrainer, latest_complete_checkpoint
 
 log = logging.getLogger("qwen_tune")

