@@ -80,9 +80,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(records)} conversations, {chatml_tokens:,} ChatML tokens ({text_tokens:,} of them text), "
           f"{len(texts):,} text pieces; qwen-tune output == reference output: ok", flush=True)
 
-    from proto_fast_encoder import FastChatMLEncoder
-
-    fast = FastChatMLEncoder(tok, args.max_len)
     # Slices of the set: every repeat runs each method on slice 1, then each on slice 2, ... (order rotating),
     # so the methods are interleaved at a ~0.1-2 s grain.
     bounds = [round(i * len(records) / args.slices) for i in range(args.slices + 1)]
@@ -107,10 +104,6 @@ def main(argv: list[str] | None = None) -> int:
             encoder.encode([to_conversation(RawRecord("bench", i + j, r), "qwen")
                             for j, r in enumerate(records[i:min(i + BATCH, hi)])])
 
-    def m_proto(lo: int, hi: int) -> None:
-        for i in range(lo, hi, BATCH):
-            fast.encode(convs[i:min(i + BATCH, hi)])
-
     def m_raw_batch(lo: int, hi: int) -> None:
         t = texts[text_at[lo]:text_at[hi]]
         for i in range(0, len(t), BATCH * 4):
@@ -123,13 +116,12 @@ def main(argv: list[str] | None = None) -> int:
 
     methods: dict[str, Callable[[int, int], None]] = {
         "reference": m_reference, "reference_unpadded": m_reference_unpadded, "ours": m_ours,
-        "ours_parse": m_ours_parse, "proto": m_proto, "raw_batch": m_raw_batch, "raw_loop": m_raw_loop,
+        "ours_parse": m_ours_parse, "raw_batch": m_raw_batch, "raw_loop": m_raw_loop,
     }
     labels = {"reference": "reference preprocess (as shipped: padded, tensors)",
               "reference_unpadded": "reference preprocess, unpadded",
               "ours": "qwen-tune ChatMLEncoder.encode (batches of 512)",
               "ours_parse": "qwen-tune to_conversation + encode",
-              "proto": "qwen-tune + fast-assembly prototype (bench/proto_fast_encoder.py)",
               "raw_batch": "raw tiktoken encode_ordinary_batch (texts only)",
               "raw_loop": "raw tiktoken encode_ordinary loop (texts only)"}
     names = list(methods)
@@ -189,7 +181,6 @@ def main(argv: list[str] | None = None) -> int:
         f"{100 * TARGETS['vs_raw_tiktoken']:.0f}%: {'MET' if r_raw >= TARGETS['vs_raw_tiktoken'] else 'NOT MET'}",
         line("ours", "qwen-tune ChatMLEncoder.encode"),
         line("ours_parse", "qwen-tune with to_conversation parsing"),
-        line("proto", "fast-assembly prototype"),
     ]
     head = (f"{len(records)} conversations, {chatml_tokens:,} ChatML tokens ({text_tokens:,} text tokens); "
             f"{args.repeats} repeats x {args.slices} slices, methods interleaved per slice; tokens/s = the set's "

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import torch
+from safetensors import safe_open
 
 from .config import ConfigError, read_json_object
 from .constants import DTYPE_NAMES, IM_END_ID
@@ -71,8 +72,6 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
 def tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape of one weight file (safetensors: from the header only)."""
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -86,8 +85,6 @@ def iter_checkpoint_tensors(path: str | os.PathLike) -> Iterator[tuple[str, torc
         raise ConfigError(f"{path}: no weight files (*.safetensors or *.bin)")
     for f in files:
         if f.suffix == ".safetensors":
-            from safetensors import safe_open
-
             with safe_open(str(f), framework="pt") as fh:
                 for k in fh.keys():
                     yield k, fh.get_tensor(k)

@@ -117,3 +117,17 @@ def test_no_module_over_400_lines():
     long = {str(p.relative_to(PKG.parent)): n for p in PKG.rglob("*.py")
             if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
     assert not long, f"split these modules (lines): {long}"
+
+
+def test_readme_layout_table_matches_the_tree():
+    readme = (PKG.parent / "README.md").read_text(encoding="utf-8")
+    after = readme[readme.index("| path |"):].splitlines()
+    table = "\n".join(line for line in after[: next((i for i, ln in enumerate(after) if not ln.startswith("|")),
+                                                        len(after))])
+    tops = sorted(p.name for p in PKG.iterdir() if not p.name.startswith("__") and p.name != "__pycache__"
+                  and (p.suffix == ".py" or (p / "__init__.py").is_file()))
+    for top in tops:
+        assert f"`qwen_tune/{top}{'' if top.endswith('.py') else '/'}`" in table, f"README layout lacks {top}"
+    for sub in sorted(PKG.glob("*/*.py")) + sorted(PKG.glob("models/qwen1/*.py")):
+        if sub.stem != "__init__" and sub.parent.name != "cli":
+            assert f"`{sub.stem}" in table, f"README layout lacks {sub.relative_to(PKG)}"

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..config import read_json_object
 
 
 @dataclass(frozen=True)
@@ -39,10 +40,9 @@ def read_model_type(path: str | Path) -> str:
     cfg = Path(path) / "config.json"
     if not cfg.is_file():
         raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json)")
-    try:
-        model_type = json.loads(cfg.read_text())["model_type"]
-    except (json.JSONDecodeError, KeyError) as e:
-        raise ValueError(f"{cfg}: cannot read model_type ({e})") from None
+    model_type = read_json_object(cfg, str(cfg)).get("model_type")
+    if not isinstance(model_type, str):
+        raise ValueError(f"{cfg}: cannot read model_type (no `model_type` string)")
     return model_type
 
 

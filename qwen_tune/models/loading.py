@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from ..config import read_json_object
 from ..constants import ENDOFTEXT_ID, IM_END_ID
 from . import qwen1  # noqa: F401 - registers model_type "qwen" with the Auto classes
 from .qwen1.convert_tokenizer import export_qwen2_tokenizer
@@ -39,7 +40,7 @@ def build_from_config(config_file: str | Path, out_dir: str | Path, seed: int = 
     out_dir = Path(out_dir)
     if (out_dir / "config.json").exists() and any(out_dir.glob("*.safetensors")):
         return out_dir
-    raw = json.loads(Path(config_file).read_text())
+    raw = read_json_object(Path(config_file), str(config_file))
     model_type = raw.pop("model_type")
     chat = raw.pop("qwen_tune_is_chat", True)  # whether to write a chat- or base-style generation config
     config = AutoConfig.for_model(model_type, **raw)

@@ -16,11 +16,11 @@ from .checkpoint import dequantize_checkpoint, has_gptq_tensors, load_gptq_model
 from .format import (FORMATS, SUPPORTED_BITS, GPTQError, GPTQSpec, dequantize, pack_cols, pack_layer, pack_rows,
                      spec_from_config, unpack_cols, unpack_rows)
 from .gptq import gptq_quantize, quantizable_linears, quantize_model, rtn_quantize
-from .layer import GPTQLinear, gptq_modules
+from .layer import GPTQLinear
 from .training import load_adapter, prepare_loaded_model, register_quantized_lora_layers
 
 __all__ = ["FORMATS", "SUPPORTED_BITS", "GPTQError", "GPTQLinear", "GPTQSpec", "dequantize", "dequantize_checkpoint",
-           "gptq_backend", "gptq_modules", "gptq_quantize", "gptqmodel_available", "has_gptq_tensors", "load_adapter",
+           "gptq_backend", "gptq_quantize", "gptqmodel_available", "has_gptq_tensors", "load_adapter",
            "load_causal_lm", "load_gptq_model", "pack_cols", "pack_layer", "pack_rows", "prepare_loaded_model",
            "quantizable_linears", "quantization_kwargs", "quantize_model", "register_quantized_lora_layers",
            "rtn_quantize", "save_gptq_checkpoint", "spec_from_config", "unpack_cols", "unpack_rows"]

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GPTQConfig
 
 from ..checkpoint import read_quantization_config
 from ..config import ConfigError, Recipe
@@ -129,12 +130,10 @@ def quantization_kwargs(recipe: Recipe, base: str | Path) -> dict[str, Any]:
         return {}
     if method == "nf4":
         try:
-            import bitsandbytes  # noqa: F401
+            import bitsandbytes  # noqa: F401 - optional (the nf4 extra): imported only when asked for
         except ImportError:
             raise ConfigError(f"quantization nf4 needs bitsandbytes, which is not installed: {NF4_EXTRA_HINT}") \
                 from None
-        from transformers import BitsAndBytesConfig
-
         precision = recipe.training.precision
         if precision == "auto":
             use_cpu = recipe.training.use_cpu if recipe.training.use_cpu is not None else not torch.cuda.is_available()
@@ -159,8 +158,6 @@ def quantization_kwargs(recipe: Recipe, base: str | Path) -> dict[str, Any]:
         backend = "torch"
     if backend == "torch":
         return {"gptq_backend": "torch"}
-    from transformers import GPTQConfig
-
     # gptqmodel's default CPU kernel is inference-only; auto_trainable picks a kernel that supports backward.
     return {"quantization_config": GPTQConfig(bits=int(q.get("bits", 4)), backend="auto_trainable")}
 
@@ -172,8 +169,6 @@ def load_causal_lm(path: str | Path, dtype: str = "fp32", attn_implementation: s
     GPTQ checkpoints go through transformers' integration (optimum + gptqmodel) when installed or asked for through a
     quantization_config, else through qwen-tune's PyTorch dequantizing layers (``gptq_backend="torch"``).
     """
-    from transformers import AutoModelForCausalLM
-
     path = Path(path)
     backend = from_pretrained_kwargs.pop("gptq_backend", None)
     q = read_quantization_config(path)

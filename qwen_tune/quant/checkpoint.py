@@ -9,7 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import init_empty_weights
+from huggingface_hub import save_torch_state_dict
+from safetensors import safe_open
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from ..checkpoint import (build_dir, checkpoint_dtype, copy_extra_files, iter_checkpoint_tensors, publish,
                           read_json_object, read_quantization_config, set_config_dtype, weight_files, write_json)
@@ -28,8 +32,6 @@ def quantized_prefixes(path: str | os.PathLike) -> set[str]:
     names: set[str] = set()
     for f in weight_files(path):
         if f.suffix == ".safetensors":
-            from safetensors import safe_open
-
             with safe_open(str(f), framework="pt") as fh:
                 keys = list(fh.keys())
         else:
@@ -65,9 +67,6 @@ def load_gptq_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     The model class is the one transformers picks for the config (the bundled Qwen-1 class for model_type qwen);
     everything not quantized (embeddings, norms, lm_head) is cast to ``dtype``.
     """
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
-
 
     path = Path(path)
     q = read_quantization_config(path)
@@ -135,8 +134,6 @@ def dequantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype:
 
     ``dtype`` (bf16/fp16/fp32) defaults to the checkpoint's own dtype; fp32 holds the dequantized weights exactly.
     """
-    from huggingface_hub import save_torch_state_dict
-
     src, dst = Path(src), Path(dst)
     q = read_quantization_config(src)
     if q is None:
@@ -197,8 +194,6 @@ def save_gptq_checkpoint(model: nn.Module, packed: dict[str, dict[str, torch.Ten
     """The published layout: safetensors with ``qweight/qzeros/scales/g_idx(/bias)`` for every quantized linear and
     the other weights in ``dtype``; config.json with ``quantization_config``; quantize_config.json; tokenizer and
     every other non-weight file of ``src``."""
-    from huggingface_hub import save_torch_state_dict
-
     src, out = Path(src), Path(out)
     torch_dtype = TORCH_DTYPES[dtype]
     state: dict[str, torch.Tensor] = {}

@@ -96,8 +96,3 @@ class GPTQLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"bits={self.spec.bits}, group_size={self.spec.group_size}, format={self.spec.format}")
-
-
-
-def gptq_modules(model: nn.Module) -> dict[str, GPTQLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, GPTQLinear)}

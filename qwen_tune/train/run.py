@@ -10,20 +10,20 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers import TrainingArguments, set_seed
 
 from ..config import ConfigError, Recipe
 from ..data.collators import make_collator
-from ..data.dataset import prepare_data
+from ..data.dataset import PreparedData, prepare_data
 from ..models.loading import build_from_config, resolve_precision
 from ..quant.backend import quantization_kwargs, resolve_quantized_precision
 from ..quant.training import prepare_loaded_model
 from .distributed import (check_combination, fsdp_arguments, init_distributed_for_cpu, quiet_non_main_ranks,
                           zero3_init_disabled)
-from .loading import load_model
+from .loading import LoadedModel, load_model
 from .methods import apply_method, count_parameters
 from .trainer import QwenTrainer, latest_complete_checkpoint
 
@@ -107,9 +107,35 @@ def training_arguments(recipe: Recipe, out: Path, has_eval: bool) -> TrainingArg
 
 
 def run_training(recipe: Recipe, callbacks: list[Any] | None = None) -> RunResult:
-    """Train as the recipe says; `callbacks` are extra transformers TrainerCallbacks (e.g. a profiler's timer)."""
-    quiet_non_main_ranks()
+    """Train as the recipe says; `callbacks` are extra transformers TrainerCallbacks (e.g. a profiler's timer).
+
+    The recipe, top to bottom: check and settle the run, build the TrainingArguments, the base model, the data, the
+    trainable model and the trainer, train, save.
+    """
     out = Path(recipe.output.dir)
+    resume = setup_run(recipe, out)
+    # TrainingArguments come first: under ZeRO-3 they make from_pretrained partition weights on load.
+    args = training_arguments(recipe, out, bool(recipe.data.eval_datasets or recipe.data.eval_split_ratio))
+    if args.should_save:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / RECIPE_FILE).write_text(recipe.to_yaml(), encoding="utf-8")
+    base, loaded = build_base_model(recipe, args, out)
+    data = build_data(recipe, loaded.tokenizer, args, out)
+    model, trainable, total = build_trainable_model(recipe, loaded)
+    trainer = build_trainer(recipe, args, model, loaded.tokenizer, data, callbacks)
+
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume)
+    elapsed = time.perf_counter() - start
+
+    summary = save_outputs(recipe, args, trainer, loaded.tokenizer, Path(base), out,
+                           lambda: _summary(trainer, result, elapsed, trainable, total))
+    return RunResult(out, Path(base), trainer.state.global_step, trainer.state.log_history, summary)
+
+
+def setup_run(recipe: Recipe, out: Path) -> str | None:
+    """Refuse what cannot run, settle precision, seed, and start CPU distributed; returns the checkpoint to resume."""
+    quiet_non_main_ranks()
     resume = _check_output_dir(out, recipe)
     check_combination(recipe)
     if recipe.fsdp and _use_cpu(recipe):
@@ -118,13 +144,11 @@ def run_training(recipe: Recipe, callbacks: list[Any] | None = None) -> RunResul
     set_seed(recipe.training.seed)
     if recipe.deepspeed and _use_cpu(recipe):
         init_distributed_for_cpu()
+    return resume
 
-    # TrainingArguments come first: under ZeRO-3 they make from_pretrained partition weights on load.
-    args = training_arguments(recipe, out, bool(recipe.data.eval_datasets or recipe.data.eval_split_ratio))
-    if args.should_save:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / RECIPE_FILE).write_text(recipe.to_yaml(), encoding="utf-8")
 
+def build_base_model(recipe: Recipe, args: TrainingArguments, out: Path) -> tuple[str, LoadedModel]:
+    """The base checkpoint (built from a config first when the recipe asks), loaded with its tokenizer."""
     base = recipe.model.path
     if recipe.model.from_config:
         with args.main_process_first(desc="building the base model"), zero3_init_disabled():
@@ -137,39 +161,53 @@ def run_training(recipe: Recipe, callbacks: list[Any] | None = None) -> RunResul
     prepare_loaded_model(loaded.model)
     log.info("model: %s (%s family, %s checkpoint) from %s", type(loaded.model).__name__, loaded.family.name,
              "chat" if loaded.is_chat else "base", base)
+    return base, loaded
 
+
+def build_data(recipe: Recipe, tokenizer: Any, args: TrainingArguments, out: Path) -> PreparedData:
+    """Tokenized train/eval sets (main process first: the others read its cache); the data report is logged."""
     with args.main_process_first(desc="tokenizing"):
-        data = prepare_data(recipe.data, loaded.tokenizer, seed=recipe.training.seed)
+        data = prepare_data(recipe.data, tokenizer, seed=recipe.training.seed)
     for report in data.reports:
         for line in report.lines():
             log.info(line)
     if args.should_save:
         (out / "data_report.json").write_text(json.dumps([r.to_dict() for r in data.reports], indent=2))
+    return data
 
+
+def build_trainable_model(recipe: Recipe, loaded: LoadedModel) -> tuple[torch.nn.Module, int, int]:
+    """The model the method trains (full, LoRA or Q-LoRA), with its trainable and total parameter counts."""
     model = apply_method(loaded.model, recipe, loaded.family, loaded.is_chat)
     trainable, total = count_parameters(model)
     log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
+    return model, trainable, total
 
-    collator = make_collator(recipe.data.packing, loaded.tokenizer.pad_token_id, recipe.data.pad_to_multiple_of,
+
+def build_trainer(recipe: Recipe, args: TrainingArguments, model: torch.nn.Module, tokenizer: Any,
+                  data: PreparedData, callbacks: list[Any] | None) -> QwenTrainer:
+    collator = make_collator(recipe.data.packing, tokenizer.pad_token_id, recipe.data.pad_to_multiple_of,
                              recipe.model.attn_implementation)
-    trainer = QwenTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
-                          data_collator=collator, processing_class=loaded.tokenizer, callbacks=callbacks,
-                          loss_mode=recipe.training.loss, loss_chunk_size=recipe.training.loss_chunk_size)
-    start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume)
-    elapsed = time.perf_counter() - start
+    return QwenTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
+                       data_collator=collator, processing_class=tokenizer, callbacks=callbacks,
+                       loss_mode=recipe.training.loss, loss_chunk_size=recipe.training.loss_chunk_size)
 
+
+def save_outputs(recipe: Recipe, args: TrainingArguments, trainer: QwenTrainer, tokenizer: Any, base: Path,
+                 out: Path, summarize: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The final model (or adapter) with tokenizer and generation config, then the summary (collective under
+    distributed training, so after the save as on every rank) and the loss curve."""
     if recipe.output.save_final:
         trainer.save_model(str(out))
         if args.should_save:
-            loaded.tokenizer.save_pretrained(str(out))
-            _copy_generation_config(Path(base), out)
-    summary = _summary(trainer, result, elapsed, trainable, total)
+            tokenizer.save_pretrained(str(out))
+            _copy_generation_config(base, out)
+    summary = summarize()
     summary["engine"] = engine_info(trainer)
     if args.should_save:
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
         plot_loss_curve(trainer.state.log_history, out / "loss_curve.png")
-    return RunResult(out, Path(base), trainer.state.global_step, trainer.state.log_history, summary)
+    return summary
 
 
 def _copy_generation_config(base: Path, out: Path) -> None:

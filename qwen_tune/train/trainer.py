@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from ..constants import DEFAULT_LOSS_CHUNK_SIZE
+from ..constants import DEFAULT_LOSS_CHUNK_SIZE, IGNORE_INDEX
 from ..models.packing import packed_sample_index
 from .loss import causal_lm_loss
 
@@ -73,7 +73,7 @@ class QwenTrainer(Trainer):
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None) -> Any:
         labels = inputs["labels"]
-        self.label_tokens += int((labels[..., 1:] != -100).sum())
+        self.label_tokens += int((labels[..., 1:] != IGNORE_INDEX).sum())
         inner = _unwrap(self.model)
         if ("position_ids" in inputs and "attention_mask" not in inputs and "cu_seq_lens_q" not in inputs
                 and getattr(inner.config, "_attn_implementation", None) == "sdpa"):

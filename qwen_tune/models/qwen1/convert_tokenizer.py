@@ -8,6 +8,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tokenizers import AddedToken as RustAddedToken
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
 from ...constants import ENDOFTEXT, ENDOFTEXT_ID, IM_END, IM_END_ID, IM_START, IM_START_ID
 from .tiktoken_bpe import QWEN_PAT_STR, _load_bpe
 from .tokenization_qwen import CHATML_TEMPLATE
@@ -42,9 +45,6 @@ def export_qwen2_tokenizer(
     base model). ``AutoTokenizer.from_pretrained(out_dir)`` loads it; its ids equal :class:`QWenTokenizer`'s on
     ordinary text.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from tokenizers import AddedToken as RustAddedToken
-
     qwen2_specials = {ENDOFTEXT_ID: ENDOFTEXT, IM_START_ID: IM_START, IM_END_ID: IM_END}
     if eos_token not in qwen2_specials.values():
         raise ValueError(f"eos_token must be one of {sorted(qwen2_specials.values())}, got {eos_token!r}")

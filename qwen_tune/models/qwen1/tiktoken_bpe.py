@@ -12,6 +12,8 @@ import os
 import unicodedata
 from pathlib import Path
 
+import tiktoken
+
 from ...constants import ENDOFTEXT, ENDOFTEXT_ID, IM_END, IM_START
 
 
@@ -76,8 +78,6 @@ class _QwenBPE:
     """Parsed ``qwen.tiktoken``: mergeable ranks, the tiktoken ``Encoding`` and lookup tables."""
 
     def __init__(self, path: Path):
-        import tiktoken
-
         ranks: dict[bytes, int] = {}
         with open(path, "rb") as f:
             for lineno, line in enumerate(f.read().splitlines(), start=1):
