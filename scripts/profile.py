@@ -305,7 +305,8 @@ def main() -> int:
     ap.add_argument("--attn", default=None, help="attention implementation (default: flash_attention_2 when "
                                                  "installed on GPU, else sdpa)")
     ap.add_argument("--full-deepspeed", default=None,
-                    help="DeepSpeed config for method full (default on GPU: ds_configs/zero2.json, as finetune_ds.sh)")
+                    help="DeepSpeed config for method full (default on GPU: ds_configs/zero2.json, as finetune_ds.sh; "
+                         "'none': the plain Trainer)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="accelerator peak 16-bit dense TFLOPS for MFU")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
     ap.add_argument("--cells", default=None,
@@ -353,7 +354,10 @@ def main() -> int:
             args.attn = "flash_attention_2" if device == "cuda" else "sdpa"
         except ImportError:
             args.attn = "sdpa"
-    deepspeed = args.full_deepspeed or (str(REPO / "ds_configs" / "zero2.json") if device == "cuda" else None)
+    if (args.full_deepspeed or "").lower() == "none":  # e.g. a machine without DeepSpeed: plain Trainer
+        deepspeed = None
+    else:
+        deepspeed = args.full_deepspeed or (str(REPO / "ds_configs" / "zero2.json") if device == "cuda" else None)
     cfg = model_config(args.model)
     info = device_info(device)
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in info.get("gpu", "")), None)

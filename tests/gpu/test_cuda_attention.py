@@ -24,7 +24,7 @@ pytestmark = pytest.mark.cuda
 
 HAS_FLASH_ATTN = importlib.util.find_spec("flash_attn") is not None
 DTYPE = torch.float32 if DRY else torch.bfloat16
-LENGTHS = [size(300, 13), size(517, 29), size(64, 7)]
+LENGTHS = [size(300, 13), size(516, 29), size(64, 6)]  # GPU total 880: 16-aligned for the efficient kernel
 TOL = 1e-4 if DRY else 3e-2  # bf16: the packed and separate kernels round in different orders
 
 
