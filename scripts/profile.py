@@ -227,6 +227,8 @@ def device_info(device: str) -> dict[str, Any]:
 
 
 def fmt_mem(r: dict[str, Any]) -> str:
+    if not r:  # not run (yet)
+        return "-"
     if "error" in r:
         return r["error"]
     return f"{r['peak_allocated_gib']:.1f}" if "peak_allocated_gib" in r else f"{r['peak_rss_gib']:.2f}"

@@ -34,6 +34,6 @@ def test_gpu_check_dry_run(tmp_path):
     cells = {(r["method"], r["side"]) for r in run["results"] if "error" not in r}
     assert cells == {(m, s) for m in ("lora", "qlora") for s in ("reference", "qwen-tune")}, run["results"]
     md = summary.with_suffix(".md").read_text()
-    assert "Part 1" in md and "PASS" in md and "| tiny | qlora | 32 |" in md
+    assert "Part 1" in md and "PASS" in md and "| tiny | qlora | 64 |" in md
     assert "| tiny | Q-LoRA | qwen-tune | 1 | 1 |" in md  # the published table's layout
     assert (results / f"{summary.stem}_profile_tiny.md").exists()

@@ -50,7 +50,7 @@ def _recipe(model: Path, data: Path, out: Path, *extra: str):
 def _check_falls(name: str, result) -> None:
     losses = [h["loss"] for h in result.log_history if "loss" in h]
     record("qlora_loss", quant=name, losses=[round(x, 4) for x in losses],
-           peak_memory_gb=result.summary.get("peak_memory_gb"), precision=result.summary.get("precision"))
+           peak_memory_gb=result.summary.get("peak_memory_gb"))
     assert len(losses) == STEPS
     assert all(x == x and x < float("inf") for x in losses), losses
     assert losses[-1] < losses[0] - 0.3 and min(losses[-2:]) <= min(losses), losses
