@@ -124,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--verify", action="store_true",
                     help="afterwards, install the folder into a fresh venv (--system-site-packages) with gpu_check.py's "
                          "offline install step and import qwen_tune from it (this Python's version only)")
+    ap.add_argument("--exclude", default="tensorboard,hypothesis",
+                    help="packages (and the dependencies only they need) to leave out; the default ones are not "
+                         "imported by the check (it trains with report_to=[]). '' keeps everything")
     ap.add_argument("--no-optional", action="store_true", help="skip liger-kernel and bitsandbytes")
     args = ap.parse_args(argv)
     dest = Path(args.dest)
@@ -137,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             roots += [Requirement(r) for r in project["optional-dependencies"][extra]]
     dev = {canonicalize_name(Requirement(r).name): Requirement(r) for r in project["optional-dependencies"]["dev"]}
     roots += [dev.get(t, Requirement(t)) for t in TEST_TOOLS]
+    excluded = {canonicalize_name(x) for x in args.exclude.split(",") if x.strip()}
+    roots = [r for r in roots if canonicalize_name(r.name) not in excluded]
 
     print(f"building qwen-tune's wheel into {dest}")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(dest),
@@ -148,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         # Only torch's own dependencies are certainly there; those of transformers/peft/accelerate vary with their
         # versions, so they are collected too and installed only where missing (gpu_check.py --install-wheels).
         provided = set(closure([Requirement("torch"), Requirement("triton")], py, set())) | set(PROVIDED)
+        provided |= {canonicalize_name(x) for x in args.exclude.split(",") if x.strip()}
         todo = closure(roots, py, provided)
         print(f"python {py}: {len(todo)} packages beyond {', '.join(PROVIDED)} and torch's dependencies")
         done: set[str] = set()
@@ -177,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     lines = [f"{n}=={v}" for n, v in sorted(pins.items())]
     (dest / "requirements.txt").write_text("\n".join(lines) + "\n")
     print(f"{len(lines)} pinned packages -> {dest / 'requirements.txt'}")
+    sizes = sorted(((w.stat().st_size, w.name) for w in dest.glob("*.whl")
+                    if wheel_name_version(w)[0] in pins or wheel_name_version(w)[0] == "qwen-tune"), reverse=True)
+    total = sum(n for n, _ in sizes)
+    print(f"{total / 2**20:.0f} MiB of wheels; largest: " + ", ".join(f"{name} {n / 2**20:.0f} MiB"
+                                                                    for n, name in sizes[:4]))
     if failed:
         print("no wheel for: " + ", ".join(failed))
         return 1

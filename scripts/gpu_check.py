@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: the same code paths in < 1 minute")
     ap.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda, or cpu with --dry-run")
     ap.add_argument("--budget", type=float, default=None,
-                    help="overall seconds (default 450 on CUDA, 120 dry); the profile gets what the tests leave")
+                    help="overall seconds (default 450 on CUDA, 300 dry); the profile gets what the tests leave")
     ap.add_argument("--tests-timeout", type=float, default=None, help="seconds for part 1 (default 200; dry 90)")
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--skip-profile", action="store_true")
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cuda" and not torch.cuda.is_available():
         log("no CUDA device visible: run with --dry-run to exercise the check on CPU")
         return 2
-    budget = args.budget or (120.0 if dry else 450.0)
+    budget = args.budget or (300.0 if dry else 450.0)
     deadline = start + budget
     stamp = time.strftime("%Y%m%d_%H%M%S")
     work = Path(args.work or tempfile.mkdtemp(prefix="qwen_tune_gpu_check_"))
