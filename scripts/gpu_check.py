@@ -116,16 +116,16 @@ def run_tests(device: str, work: Path, timeout: float, extra: list[str]) -> dict
            "-p", "no:cacheprovider", f"--junitxml={junit}", *extra]
     log(f"part 1: {' '.join(cmd[2:])} (device {device}, timeout {timeout:.0f}s)")
     t0 = time.monotonic()
-    try:
-        p = subprocess.run(cmd, cwd=REPO, env=child_env(device, QWEN_TUNE_CHECK_RECORD=str(records)),
-                           capture_output=True, text=True, timeout=timeout)
-        rc, out = p.returncode, p.stdout + p.stderr
-    except subprocess.TimeoutExpired as e:
-        rc = 124
-        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-        out += f"\n[gpu_check] pytest timed out after {timeout:.0f}s\n"
+    logfile = work / "pytest.log"
+    with open(logfile, "w", encoding="utf-8") as f:  # streamed to the file: a killed run keeps its output
+        try:
+            rc = subprocess.run(cmd, cwd=REPO, env=child_env(device, QWEN_TUNE_CHECK_RECORD=str(records)),
+                                stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = 124
+            f.write(f"\n[gpu_check] pytest timed out after {timeout:.0f}s\n")
     wall = time.monotonic() - t0
-    (work / "pytest.log").write_text(out)
+    out = logfile.read_text(encoding="utf-8", errors="replace")
     print(out[-6000:], flush=True)
     cases = []
     if junit.exists():
