@@ -146,10 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"building qwen-tune's wheel into {dest}")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(dest),
                     str(REPO)], check=True, capture_output=True)
-    pins: dict[str, str] = {"qwen-tune": project["version"]}
     failed: list[str] = []
+    all_pins: dict[str, dict[str, str]] = {}
     for py in args.python_version.split(","):
         py = py.strip()
+        pins = all_pins[py] = {"qwen-tune": project["version"]}
         # Only torch's own dependencies are certainly there; those of transformers/peft/accelerate vary with their
         # versions, so they are collected too and installed only where missing (gpu_check.py --install-wheels).
         provided = set(closure([Requirement("torch"), Requirement("triton")], py, set())) | set(PROVIDED)
@@ -163,11 +164,21 @@ def main(argv: list[str] | None = None) -> int:
             done |= set(batch)
             specs = {n: (f"{n}=={local_version(r.name)}" if local_version(r.name)
                          else str(Requirement(f"{n}{r.specifier}"))) for n, r in batch.items()}
+            follow = {n for n, r in batch.items() if local_version(r.name) is None}
             if specs and not download(list(specs.values()), dest, py, glibc):
                 for n, spec in list(specs.items()):  # find the culprits one by one
-                    if not download([spec], dest, py, glibc):
+                    if download([spec], dest, py, glibc):
+                        continue
+                    # The version installed here has no wheel for that Python (e.g. numpy 2.3+ needs 3.11):
+                    # the newest release that fits the requirement and that Python instead.
+                    fallback = str(Requirement(f"{n}{batch[n].specifier}"))
+                    if "==" not in spec or not download([fallback], dest, py, glibc):
                         failed.append(f"{spec} (python {py})")
                         del specs[n]
+                        continue
+                    print(f"  python {py}: {spec} has no wheel; using the newest {fallback}")
+                    specs[n] = fallback
+                    follow.add(n)
             have = wheels_by_name(dest)
             for n, spec in specs.items():
                 wheel = max(have.get(n, []), key=lambda w: w.stat().st_mtime, default=None)
@@ -175,16 +186,21 @@ def main(argv: list[str] | None = None) -> int:
                     failed.append(f"{spec} (python {py}): downloaded, but no wheel found")
                     continue
                 pins[n] = spec.split("==", 1)[1] if "==" in spec else wheel_name_version(wheel)[1]
-                if local_version(batch[n].name) is None:
+                if n in follow:  # not the version installed here: follow the wheel's own requirements
                     for dep in wheel_requires(wheel):
                         dep_req = Requirement(dep)
                         if applies(dep_req, py) and canonicalize_name(dep_req.name) not in provided | done:
                             todo.update(closure([dep_req], py, provided | done))
-    lines = [f"{n}=={v}" for n, v in sorted(pins.items())]
-    (dest / "requirements.txt").write_text("\n".join(lines) + "\n")
-    print(f"{len(lines)} pinned packages -> {dest / 'requirements.txt'}")
-    sizes = sorted(((w.stat().st_size, w.name) for w in dest.glob("*.whl")
-                    if wheel_name_version(w)[0] in pins or wheel_name_version(w)[0] == "qwen-tune"), reverse=True)
+    # One pin file per Python (gpu_check.py --install-wheels picks its own); requirements.txt is the first one's.
+    for i, (py, pins) in enumerate(all_pins.items()):
+        text = "".join(f"{n}=={v}\n" for n, v in sorted(pins.items()))
+        (dest / f"requirements-{py}.txt").write_text(text)
+        if i == 0:
+            (dest / "requirements.txt").write_text(text)
+        print(f"python {py}: {len(pins)} pinned packages -> {dest / f'requirements-{py}.txt'}")
+    names = {n for pins in all_pins.values() for n in pins}
+    sizes = sorted(((w.stat().st_size, w.name) for w in dest.glob("*.whl") if wheel_name_version(w)[0] in names),
+                   reverse=True)
     total = sum(n for n, _ in sizes)
     print(f"{total / 2**20:.0f} MiB of wheels; largest: " + ", ".join(f"{name} {n / 2**20:.0f} MiB"
                                                                     for n, name in sizes[:4]))

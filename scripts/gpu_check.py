@@ -66,7 +66,9 @@ def install_wheels(folder: Path, ignore_installed: bool = False) -> int:
     machine has -- are never touched, whatever their version (a differing one is reported)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    req = folder / "requirements.txt"
+    req = folder / f"requirements-{sys.version_info.major}.{sys.version_info.minor}.txt"
+    if not req.is_file():
+        req = folder / "requirements.txt"
     if not req.is_file():
         log(f"--install-wheels {folder}: no requirements.txt (make it with scripts/collect_gpu_wheels.py)")
         return 2
@@ -78,6 +80,7 @@ def install_wheels(folder: Path, ignore_installed: bool = False) -> int:
             return None
 
     before = {name: installed(name) for name in PROVIDED}
+    log(f"pins: {req}")
     pins = [line.strip() for line in req.read_text().splitlines() if line.strip() and not line.startswith("#")]
     missing, differ = [], []
     for pin in pins:
