@@ -227,9 +227,37 @@ def device_info(device: str) -> dict[str, Any]:
 
 
 def fmt_mem(r: dict[str, Any]) -> str:
+    if not r:  # not run (yet)
+        return "-"
     if "error" in r:
         return r["error"]
     return f"{r['peak_allocated_gib']:.1f}" if "peak_allocated_gib" in r else f"{r['peak_rss_gib']:.2f}"
+
+
+METHOD_LABELS = {"lora": "LoRA", "lora_emb": "LoRA (emb)", "qlora": "Q-LoRA", "full": "Full-parameter"}
+
+
+def published_layout(results: list[dict[str, Any]], model: str, seqs: list[int], methods: list[str]) -> list[str]:
+    """The layout of the Qwen README's "Profiling of Memory and Speed" table (A100, batch 1, gradient accumulation
+    8): one row per method, one column per sequence length, cells "<peak memory>G / <s/it>s/it"; here one row per
+    method and side."""
+    by = {(r["method"], r["seq"], r["side"]): r for r in results}
+    lines = ["| Model Size | Method | Side | #Nodes | #GPUs per node | " + " | ".join(map(str, seqs)) + " |",
+             "|---|---|---|---:|---:|" + "---:|" * len(seqs)]
+    for method in methods:
+        for side in SIDES:
+            cells = []
+            for seq in seqs:
+                r = by.get((method, seq, side))
+                if r is None:
+                    cells.append("")
+                elif "error" in r:
+                    cells.append(r["error"])
+                else:
+                    cells.append(f"{fmt_mem(r)}G / {r['s_per_it']:.2f}s/it")
+            if any(cells):
+                lines.append(f"| {model} | {METHOD_LABELS[method]} | {side} | 1 | 1 | " + " | ".join(cells) + " |")
+    return lines
 
 
 def report(results: list[dict[str, Any]], info: dict[str, Any], args: argparse.Namespace, cfg: dict[str, Any],
@@ -261,6 +289,8 @@ def report(results: list[dict[str, Any]], info: dict[str, Any], args: argparse.N
             lines.append(f"| {method} | {seq} | {fmt_mem(ref)} | {fmt_mem(ours)} | {ratio} | "
                          f"{ref.get('s_per_it', float('nan')):.3f} | {ours.get('s_per_it', float('nan')):.3f} | "
                          f"{speed} | {mfu[0]} | {mfu[1]} |")
+    lines += ["", "In the layout of Qwen's published A100 table (memory: " + mem_label + "):", ""]
+    lines += published_layout(results, args.model, args.seqs, args.methods)
     return "\n".join(lines) + "\n"
 
 
@@ -277,9 +307,17 @@ def main() -> int:
     ap.add_argument("--attn", default=None, help="attention implementation (default: flash_attention_2 when "
                                                  "installed on GPU, else sdpa)")
     ap.add_argument("--full-deepspeed", default=None,
-                    help="DeepSpeed config for method full (default on GPU: ds_configs/zero2.json, as finetune_ds.sh)")
+                    help="DeepSpeed config for method full (default on GPU: ds_configs/zero2.json, as finetune_ds.sh; "
+                         "'none': the plain Trainer)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="accelerator peak 16-bit dense TFLOPS for MFU")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per cell")
+    ap.add_argument("--cells", default=None,
+                    help="explicit cells in run order, e.g. lora:2048,qlora:2048,full:256 (overrides the "
+                         "methods x seqs grid; put the most important first when a --budget may cut the rest)")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="overall seconds for the cells: a cell gets at most what is left (capped by --timeout), "
+                         "and cells that no longer fit (less than --min-cell-s left) are reported as skipped")
+    ap.add_argument("--min-cell-s", type=float, default=30.0, help="with --budget: do not start a cell with less left")
     ap.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
     ap.add_argument("--name", default=None, help="results file name (default: profile_<model>_<device>)")
     ap.add_argument("--results-dir", default=str(RESULTS), help="where <name>.{json,md} go (default bench/results)")
@@ -298,6 +336,18 @@ def main() -> int:
     if bad:
         ap.error(f"unknown methods {bad}; choose from {', '.join(METHODS)}")
     args.seqs = [int(s) for s in args.seqs.split(",")]
+    if args.cells:
+        try:
+            plan = [(m.strip(), int(q)) for m, q in (c.split(":") for c in args.cells.split(",") if c.strip())]
+        except ValueError:
+            ap.error(f"--cells {args.cells!r}: expected method:seq pairs, e.g. lora:2048,qlora:256")
+        bad = sorted({m for m, _ in plan} - set(METHODS))
+        if bad:
+            ap.error(f"--cells: unknown methods {bad}; choose from {', '.join(METHODS)}")
+        args.methods = list(dict.fromkeys(m for m, _ in plan))
+        args.seqs = sorted({q for _, q in plan})
+    else:
+        plan = [(m, q) for m in args.methods for q in args.seqs]
     sides = [s.strip() for s in args.sides.split(",")]
     if args.attn is None:
         try:
@@ -306,7 +356,10 @@ def main() -> int:
             args.attn = "flash_attention_2" if device == "cuda" else "sdpa"
         except ImportError:
             args.attn = "sdpa"
-    deepspeed = args.full_deepspeed or (str(REPO / "ds_configs" / "zero2.json") if device == "cuda" else None)
+    if (args.full_deepspeed or "").lower() == "none":  # e.g. a machine without DeepSpeed: plain Trainer
+        deepspeed = None
+    else:
+        deepspeed = args.full_deepspeed or (str(REPO / "ds_configs" / "zero2.json") if device == "cuda" else None)
     cfg = model_config(args.model)
     info = device_info(device)
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in info.get("gpu", "")), None)
@@ -315,32 +368,51 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     print(f"profile {args.model} on {info.get('gpu', device)}: methods {args.methods}, seqs {args.seqs}; "
           f"scratch {work}", flush=True)
+    start = time.monotonic()
     ckpts = prepare_checkpoints(cfg, args.methods, work, device)
-    results = []
-    for method in args.methods:
-        for i, seq in enumerate(args.seqs):
-            data = work / f"data_{seq}.json"
-            if not data.exists():
-                write_data(data, args.steps * args.grad_accum, seq, seed=seq)
-            order = sides if i % 2 == 0 else sides[::-1]  # alternate who runs first
-            for side in order:
-                cell = {"method": method, "seq": seq, "side": side, "device": device, "attn": args.attn,
-                        "steps": args.steps, "grad_accum": args.grad_accum, "data": str(data),
-                        "checkpoint": ckpts["gptq" if method == "qlora" else "base" if method == "lora_emb" else "chat"],
-                        "out": str(work / f"run_{method}_{seq}_{side}"),
-                        "deepspeed": deepspeed if method == "full" else None}
-                r = spawn(cell, args.timeout)
-                results.append(r)
-                msg = r.get("error") or f"{fmt_mem(r)} GiB, {r['s_per_it']:.3f} s/it"
-                print(f"  {method:8s} seq {seq:5d} {side:9s}: {msg}", flush=True)
-    md = report(results, info, args, cfg, peak)
-    print(md)
+    print(f"  checkpoints ready in {time.monotonic() - start:.0f}s", flush=True)
     name = args.name or f"profile_{args.model}_{device}"
     out = Path(args.results_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps({"machine": info, "model": args.model, "config": cfg,
-                                                 "peak_tflops": peak, "results": results}, indent=2))
-    (out / f"{name}.md").write_text(md)
+
+    def write(results: list[dict[str, Any]]) -> str:
+        """Results so far: written after every cell, so a run cut short keeps what it measured."""
+        md = report(results, info, args, cfg, peak)
+        (out / f"{name}.json").write_text(json.dumps({"machine": info, "model": args.model, "config": cfg,
+                                                     "peak_tflops": peak, "results": results}, indent=2))
+        (out / f"{name}.md").write_text(md)
+        return md
+
+    results: list[dict[str, Any]] = []
+    for i, (method, seq) in enumerate(plan):
+        data = work / f"data_{seq}.json"
+        if not data.exists():
+            write_data(data, args.steps * args.grad_accum, seq, seed=seq)
+        order = sides if i % 2 == 0 else sides[::-1]  # alternate who runs first
+        for side in order:
+            timeout = args.timeout
+            if args.budget is not None:
+                left = args.budget - (time.monotonic() - start)
+                if left < args.min_cell_s:
+                    results.append({"method": method, "seq": seq, "side": side, "error": "skipped (budget)"})
+                    print(f"  {method:8s} seq {seq:5d} {side:9s}: skipped, {max(left, 0):.0f}s of the budget left",
+                          flush=True)
+                    continue
+                timeout = int(min(timeout, left))
+            cell = {"method": method, "seq": seq, "side": side, "device": device, "attn": args.attn,
+                    "steps": args.steps, "grad_accum": args.grad_accum, "data": str(data),
+                    "checkpoint": ckpts["gptq" if method == "qlora" else "base" if method == "lora_emb" else "chat"],
+                    "out": str(work / f"run_{method}_{seq}_{side}"),
+                    "deepspeed": deepspeed if method == "full" else None}
+            t0 = time.monotonic()
+            r = spawn(cell, timeout)
+            r["wall_s"] = round(time.monotonic() - t0, 1)
+            results.append(r)
+            msg = r.get("error") or f"{fmt_mem(r)} GiB, {r['s_per_it']:.3f} s/it"
+            print(f"  {method:8s} seq {seq:5d} {side:9s}: {msg} ({r['wall_s']:.0f}s)", flush=True)
+            write(results)
+    md = write(results)
+    print(md)
     print(f"results: {out / name}.{{json,md}}")
     return 0 if all("error" not in r for r in results) else 1
 
