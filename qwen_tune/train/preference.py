@@ -17,21 +17,25 @@ sigmoid (``sigmoid_norm``) with a chosen-side reference of ``gamma / beta`` per 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
 import time
+import types
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainingArguments, set_seed
 from trl import DPOConfig, DPOTrainer
+from trl.trainer.utils import FusedCausalLMOutput
 
 from ..config import ConfigError, Recipe
 from ..data.pairs import prepare_pairs
 from ..models.loading import build_from_config, load_model, resolve_precision
 from .distributed import check_combination, init_distributed_for_cpu, quiet_non_main_ranks, zero3_init_disabled
+from .logprobs import token_logprobs
 from .methods import apply_method, count_parameters
 from .quant import prepare_loaded_model, quantization_kwargs, resolve_quantized_precision
 from .run import (RECIPE_FILE, RunResult, _check_output_dir, _copy_generation_config, _summary, _use_cpu,
@@ -84,6 +88,8 @@ class QwenDPOTrainer(QwenTrainer, DPOTrainer):
             # so the adapter-disabled base is the same reference without a second set of adapter weights.
             model.delete_adapter("ref")
             model.set_adapter("default")
+        if self.loss_mode == "chunked":
+            install_logprob_head(model, self.loss_chunk_size)
 
     def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
         return dataset  # data/pairs.py already rendered, tokenized, cut and counted the pairs
@@ -103,6 +109,38 @@ class QwenDPOTrainer(QwenTrainer, DPOTrainer):
                      num_items_in_batch: Any = None) -> Any:
         self.label_tokens += int(inputs["completion_mask"][:, 1:].sum())
         return DPOTrainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+
+def install_logprob_head(model: torch.nn.Module, chunk_size: int) -> bool:
+    """Route TRL's ``fused_lm_head=True`` calls (policy and reference) through qwen-tune's token_logprobs.
+
+    DPOTrainer.__init__ patched the model's forward with TRL's fused head; this wraps that forward again, so calls
+    without ``fused_lm_head`` (generation, evaluation with logits) still reach the original one. MoE models keep
+    TRL's head, which also returns the router's auxiliary loss.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(inner.config.get_text_config(), "output_router_logits", False):
+        log.info("MoE model: per-token log-probs through TRL's fused head (it carries the router aux loss)")
+        return False
+    trl_forward = inner.forward
+
+    @functools.wraps(type(inner).forward)
+    def forward(self: Any, *args: Any, fused_lm_head: bool = False, labels: Any = None, shift_labels: Any = None,
+                num_items_in_batch: Any = None, **kwargs: Any) -> Any:
+        if not fused_lm_head or shift_labels is not None:
+            return trl_forward(*args, fused_lm_head=fused_lm_head, labels=labels, shift_labels=shift_labels,
+                               num_items_in_batch=num_items_in_batch, **kwargs)
+        kwargs["use_cache"] = False
+        hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
+        labels = labels[:, 1:]
+        head = self.get_output_embeddings()
+        logps, entropy, mean_logits, top1 = token_logprobs(hidden, head.weight, labels, chunk_size, with_stats=True)
+        mask = labels != -100
+        return FusedCausalLMOutput(loss=-logps.sum() / mask.sum().clamp(min=1), log_probs=logps, entropy=entropy,
+                                   mean_logits=mean_logits, is_top1=top1, label_mask=mask)
+
+    inner.forward = types.MethodType(forward, inner)
+    return True
 
 
 def _check_recipe(recipe: Recipe) -> None:
@@ -164,6 +202,7 @@ def run_preference(recipe: Recipe, callbacks: list[Any] | None = None) -> RunRes
 
     trainer = QwenDPOTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                              processing_class=loaded.tokenizer, callbacks=callbacks,
+                             loss_mode=recipe.training.loss, loss_chunk_size=recipe.training.loss_chunk_size,
                              reference_free=recipe.preference.loss in REFERENCE_FREE,
                              simpo_gamma=recipe.preference.simpo_gamma)
     start = time.perf_counter()
