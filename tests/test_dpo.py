@@ -245,15 +245,17 @@ def test_dpo_lora_training_raises_the_margin(base, tmp_path, tokenizer):
 def test_dpo_resume_reproduces_losses(base, tmp_path):
     from qwen_tune.train.preference import run_preference
 
-    full = run_preference(dpo_recipe(base, tmp_path / "a"))
-    run_preference(dpo_recipe(base, tmp_path / "b", "output.save_final=false"))
-    assert (tmp_path / "b" / "checkpoint-3" / "qwen_tune_complete").exists()
-    shutil.rmtree(tmp_path / "b" / "checkpoint-6")  # killed before step 6 was saved
-    resumed = run_preference(dpo_recipe(base, tmp_path / "b", "output.resume_from_checkpoint=auto"))
+    short = ("training.max_steps=4", "output.save_steps=2")
+    full = run_preference(dpo_recipe(base, tmp_path / "a", *short))
+    run_preference(dpo_recipe(base, tmp_path / "b", *short, "output.save_final=false"))
+    assert (tmp_path / "b" / "checkpoint-2" / "qwen_tune_complete").exists()
+    shutil.rmtree(tmp_path / "b" / "checkpoint-4")  # killed before step 4 was saved
+    resumed = run_preference(dpo_recipe(base, tmp_path / "b", *short, "output.resume_from_checkpoint=auto"))
     ref = {h["step"]: h for h in full.log_history if "loss" in h}
     got = {h["step"]: h for h in resumed.log_history if "loss" in h}
-    assert sorted(got) == [1, 2, 3, 4, 5, 6]
-    for step in (4, 5, 6):
+    assert sorted(got) == [1, 2, 3, 4]
+    assert resumed.global_step == 4 and got[3]["rewards/margins"] != 0.0
+    for step in (3, 4):
         for k in ("loss", "rewards/margins"):
             assert got[step][k] == pytest.approx(ref[step][k], rel=1e-4, abs=1e-6), (step, k)
 
