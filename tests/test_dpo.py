@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import shutil
 from pathlib import Path
@@ -131,7 +130,7 @@ def test_chunked_token_logprobs_equal_plain(train_head):
 
 # ---------------------------------------------------------------- trainer vs TRL
 
-def _trainer(recipe, tokenizer_dir: Path):
+def _trainer(recipe):
     from qwen_tune.models.loading import load_model
     from qwen_tune.train.methods import apply_method
     from qwen_tune.train.preference import REFERENCE_FREE, QwenDPOTrainer, dpo_config
@@ -159,7 +158,7 @@ def test_dpo_loss_and_gradients_equal_trl_fused_head(base, tmp_path, method):
     for mode in ("chunked", "plain"):  # plain = TRL's add_fused_lm_head, untouched
         r = dpo_recipe(base, tmp_path / mode, f"method={method}", f"training.loss={mode}",
                        "training.loss_chunk_size=7", "training.gradient_checkpointing=false")
-        trainer = _trainer(r, base)
+        trainer = _trainer(r)
         batch = trainer.data_collator([trainer.train_dataset[i] for i in (0, 3)])
         trainer.model.train()
         loss = trainer.compute_loss(trainer.model, batch)
@@ -186,7 +185,7 @@ def test_simpo_loss_is_simpo_without_a_reference(base, tmp_path):
     beta, gamma = 2.0, 0.7
     r = dpo_recipe(base, tmp_path / "s", "preference.loss=simpo", f"preference.beta={beta}",
                    f"preference.simpo_gamma={gamma}", "training.gradient_checkpointing=false")
-    trainer = _trainer(r, base)
+    trainer = _trainer(r)
     assert trainer.ref_model is None
     rows = [trainer.train_dataset[i] for i in range(2)]
     loss = trainer.compute_loss(trainer.model, trainer.data_collator(rows))
@@ -274,3 +273,31 @@ def test_preference_recipes_validate_with_hints(base, tmp_path):
 
     with pytest.raises(ConfigError, match="lm_head cannot carry LoRA"):
         run_preference(dpo_recipe(base, tmp_path / "x", "lora.target_modules=[q_proj,lm_head]"))
+
+
+def test_nan_guard_stops_a_dpo_step(base, tmp_path):
+    from qwen_tune.train.trainer import NonFiniteLossError
+
+    trainer = _trainer(dpo_recipe(base, tmp_path / "n", "training.gradient_checkpointing=false"))
+    with torch.no_grad():
+        next(p for n, p in trainer.model.named_parameters() if "lora_A" in n).fill_(float("nan"))
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in (0, 1)])
+    with pytest.raises(NonFiniteLossError, match="before the optimizer step"):
+        trainer.training_step(trainer.model, batch)
+
+
+@pytest.mark.slow
+def test_zero2_dpo_lora_two_processes(base, tmp_path):
+    from safetensors.torch import load_file
+    from test_distributed import _ds_config, _run, _torchrun
+
+    out = tmp_path / "z2"
+    _run(_torchrun("--recipe", "dpo_lora", f"model.path={base}", f"data.path={PAIRS}", f"output.dir={out}",
+                   f"deepspeed={_ds_config(tmp_path, 'zero2')}", "data.max_len=96", "training.batch_size=1",
+                   "training.grad_accum=1", "training.max_steps=2", "training.lr=1e-2", "training.warmup_ratio=0",
+                   "output.report_to=[]", "output.save_steps=100", "lora.r=8"), tmp_path / "z2.log")
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert (summary["engine"]["deepspeed_zero_stage"], summary["engine"]["world_size"]) == (2, 2)
+    assert summary["steps"] == 2 and summary["preference"]["last"]["rewards/margins"] is not None
+    adapter = load_file(out / "adapter_model.safetensors")
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in adapter.items()), "LoRA did not train"
