@@ -55,11 +55,12 @@ class _TokenLogProbs(torch.autograd.Function):
                     top1[s:e] = z.argmax(dim=-1) == t
                 if with_stats or jac is not None:
                     z.sub_(lse[:, None])  # log-softmax, in place
+                    p = z.exp()  # the one [rows, vocab] temporary
                     if with_stats:
-                        entropy[s:e] = -(z.exp() * z).sum(dim=-1)
+                        entropy[s:e] = -torch.linalg.vecdot(p, z)
                     if jac is not None:
-                        p = z.exp_()
                         jac[s:e] = weight[t].float() - (p.to(weight.dtype) @ weight).float()
+                    del p
                 del z
         if jac is not None:
             ctx.save_for_backward(jac)
