@@ -118,6 +118,19 @@ class TrainingConfig(_Section):
     use_cpu: Optional[bool] = None  # None = CPU when no accelerator is visible
 
 
+class PreferenceConfig(_Section):
+    """Preference tuning (stage: dpo), on TRL's DPOTrainer.
+
+    sigmoid / ipo / hinge score the policy against a frozen reference (the adapter-disabled base with LoRA, a copy of
+    the initial weights with full training); simpo and cpo are reference-free (no reference forward, no copy).
+    """
+
+    loss: Literal["sigmoid", "ipo", "hinge", "simpo", "cpo"] = "sigmoid"
+    beta: float = Field(0.1, gt=0)  # DPO: KL strength (higher = closer to the reference); SimPO: reward scale
+    simpo_gamma: float = Field(0.5, ge=0)  # SimPO target margin (reward units)
+    sft_weight: float = Field(0.0, ge=0)  # NLL on the chosen reply added to the loss (RPO / CPO's term)
+
+
 class OutputConfig(_Section):
     dir: str = "outputs/run"
     save_steps: int = 100
@@ -131,11 +144,13 @@ class OutputConfig(_Section):
 
 class Recipe(_Section):
     model: ModelConfig
+    stage: Literal["sft", "dpo"] = "sft"  # sft = supervised (conversations); dpo = preference pairs
     data: DataConfig = Field(default_factory=DataConfig)
     method: Literal["full", "lora", "qlora"] = "lora"
     lora: LoraConfig = Field(default_factory=LoraConfig)
     quantization: QuantConfig = Field(default_factory=QuantConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     deepspeed: Optional[str] = None  # path to a ds_configs/*.json
     fsdp: Optional[str] = None  # e.g. "full_shard auto_wrap"; alternative to deepspeed
@@ -168,6 +183,9 @@ _ALIASES = {
     "output_dir": "dir", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "lora_target_modules": "target_modules",
     "model_name_or_path": "path", "data_path": "path", "eval_data_path": "eval_path", "use_lora": "method",
     "q_lora": "method", "bf16": "precision", "fp16": "precision", "save_total_limit": "save_total_limit",
+    # LLaMA-Factory's and TRL's preference names.
+    "pref_beta": "beta", "pref_loss": "loss", "loss_type": "loss", "pref_ftx": "sft_weight", "rpo_alpha": "sft_weight",
+    "gamma": "simpo_gamma",
 }
 
 

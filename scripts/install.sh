@@ -90,7 +90,7 @@ if [[ $after != "$before" ]]; then
 fi
 "$PY" - "$GPU" <<'PYEOF'
 import importlib, importlib.util, sys
-mods = ["qwen_tune", "transformers", "peft", "accelerate", "deepspeed"]
+mods = ["qwen_tune", "transformers", "peft", "trl", "accelerate", "deepspeed"]
 for m in mods:
     importlib.import_module(m)
 # CUDA-only packages may not import where no GPU driver is visible (a `docker build`): check they are installed.

@@ -36,9 +36,12 @@ def cmd_train(args: argparse.Namespace) -> int:
                "--recipe", args.recipe, *args.overrides]
         print("launching:", " ".join(cmd), file=sys.stderr)
         return subprocess.call(cmd)
-    from ..train.run import run_training
+    if recipe.stage == "dpo":
+        from ..train.preference import run_preference as run
+    else:
+        from ..train.run import run_training as run
 
-    result = run_training(recipe)
+    result = run(recipe)
     if int(os.environ.get("RANK", "0")) == 0:
         _print_next_steps(recipe, result)
     return 0

@@ -22,6 +22,10 @@ _REASON_TEXT = {
     "too_long": "longer than max_len (truncation: drop)",
     "no_trainable_label": "no trainable label",
     "no_assistant_label_after_truncation": "no assistant token left after truncation",
+    "identical_pair": "chosen and rejected replies are identical",
+    "prompt_too_long": "prompt alone fills max_len",
+    "prompt_mismatch": "chosen and rejected do not share their prompt",
+    "no_user_turn": "prompt does not end with a user turn",
 }
 
 
