@@ -35,9 +35,10 @@ from typing import Any, Sequence
 
 from transformers.utils.chat_template_utils import render_jinja_template
 
+from ..config import ConfigError
 from .formats import Conversation
 from .template import DEFAULT_SYSTEM, IGNORE_INDEX, ChatMLEncoder, EncodedSample, TruncationMode
-from .tokenizer import IM_END, IM_START
+from .tokenizer import IM_END, IM_START, QWenTokenizer
 
 log = logging.getLogger(__name__)
 TEMPLATE_SETTINGS = ("auto", "chatml", "checkpoint")
@@ -45,7 +46,7 @@ TEMPLATE_SETTINGS = ("auto", "chatml", "checkpoint")
 _MARK_START, _MARK_END = "\U000f0100", "\U000f0101"
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(ConfigError):
     """The recipe asks for a template that does not exist or cannot be used; one readable line."""
 
 
@@ -81,7 +82,9 @@ def resolve_template(setting: str, tokenizer: Any, origin: str | None = None) ->
     if setting == "chatml":
         return ChatTemplate("chatml", None)
     if setting in ("auto", "checkpoint"):
-        tpl = _tokenizer_template(tokenizer)
+        # Qwen-1 checkpoints ship no template (QWenTokenizer's built-in one is only a ChatML convenience for
+        # apply_chat_template): they train on the reference ChatML path, bit-identical to finetune.py.
+        tpl = None if isinstance(tokenizer, QWenTokenizer) else _tokenizer_template(tokenizer)
         if tpl is None:
             if setting == "checkpoint":
                 raise ChatTemplateError(f"data.template: checkpoint: {where} has no chat_template (neither in "
@@ -157,7 +160,7 @@ class TemplateEncoder:
         self.tokenizer, self.template, self.max_len = tokenizer, template, max_len
         self.system_prompt, self.truncation = system_prompt, truncation
         self.template_kwargs = dict(template_kwargs or {})
-        self.name = template.name
+        self.name, self.template_id = template.name, template.sha256
         self._backend = backend
         specials = sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special and t.content},
                           key=len, reverse=True)

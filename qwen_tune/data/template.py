@@ -72,6 +72,7 @@ class ChatMLEncoder:
         self.role_ids = {"system": system, "user": user, "assistant": assistant}
 
     name = "chatml (Qwen-1 reference preprocess)"
+    template_id = "chatml"
 
     def encode(self, convs: Sequence[Conversation]) -> list[EncodedSample]:
         # Qwen-1's ChatML has no tool-call layout (its ReAct prompt is a different training format),
