@@ -60,6 +60,7 @@ class Encoded:
     formats: dict[str, str] = field(default_factory=dict)
     convs: list[Conversation] = field(default_factory=list)
     samples: list[EncodedSample] = field(default_factory=list)
+    tokenizer: object = None
 
 
 def _encoder(args: argparse.Namespace, tokenizer: object, max_len: int) -> object:
@@ -71,7 +72,7 @@ def _encoder(args: argparse.Namespace, tokenizer: object, max_len: int) -> objec
 def encode_files(files: list[str], args: argparse.Namespace) -> Encoded:
     tokenizer = load_tokenizer(args.model)
     encoder = _encoder(args, tokenizer, args.max_len)
-    out = Encoded(DataReport("data", template=encoder.name))
+    out = Encoded(DataReport("data", template=encoder.name), tokenizer=tokenizer)
     for f in files:
         spec = DatasetSpec(path=f, format=args.format)
         if spec.format == "auto":
@@ -107,7 +108,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"{f}: format {fmt}")
     print(f"template: {enc.report.template}")
     # Lengths before truncation tell how much max_len cuts.
-    full = _encoder(args, load_tokenizer(args.model), 10**9)
+    full = _encoder(args, enc.tokenizer, 10**9)
     lengths = sorted(len(s.input_ids) for s in full.encode(enc.convs) if s.input_ids)
     turns = sum(len(c.turns) for c in enc.convs)
     kept = [s for s in enc.samples if not s.drop_reason]
@@ -147,7 +148,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
     from rich.text import Text
 
     enc = encode_files([args.file], args)
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = enc.tokenizer
     console = Console(highlight=False)
     console.print(f"template: {enc.report.template}", markup=False)
     console.print("[bold green]green[/] = trained (label kept), [dim]dim[/] = ignored (-100)")

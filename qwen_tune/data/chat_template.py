@@ -241,20 +241,42 @@ class TemplateEncoder:
         finally:
             self._backend.encode_special_tokens = saved
 
-    def _tokens(self, r: _Rendered, encodings: list[Any]) -> tuple[list[int], list[tuple[int, int]]]:
+    def _tokens(self, r: _Rendered, encodings: list[Any],
+                spans: list[tuple[int, int]] = ()) -> tuple[list[int], list[int]]:
+        """Ids of the rendering and their labels: a token is labelled when it overlaps an assistant span.
+
+        Most runs lie wholly inside or outside every span and are labelled in bulk; only a run a span
+        boundary cuts (``assistant\n`` + content, the ``\n`` after ``<|im_end|>``) is walked by offsets.
+        """
         ids: list[int] = []
-        offsets: list[tuple[int, int]] = []
+        labels: list[int] = []
         for kind, idx in r.items:
             if kind == "special":
-                s, e, tid = r.specials[idx]
+                start, _, tid = r.specials[idx]
                 ids.append(tid)
-                offsets.append((s, e))
+                labels.append(tid if any(a <= start < b for a, b in spans) else IGNORE_INDEX)
+                continue
+            base, text = r.runs[idx]
+            enc = encodings[idx]
+            ids.extend(enc.ids)
+            end = base + len(text)
+            cut = [(a, b) for a, b in spans if a < end and b > base]
+            if not cut:
+                labels.extend([IGNORE_INDEX] * len(enc.ids))
+            elif any(a <= base and b >= end for a, b in cut):
+                labels.extend(enc.ids)
             else:
-                base = r.runs[idx][0]
-                enc = encodings[idx]
-                ids.extend(enc.ids)
-                offsets.extend((base + s, base + e) for s, e in enc.offsets)
-        return ids, offsets
+                # Walk tokens only up to the last boundary in the run; past it, all lie on one side.
+                last = max(x for a, b in cut for x in (a, b) if base < x < end)
+                tail = enc.ids if any(a <= end - 1 < b for a, b in cut) else None
+                offsets = enc.offsets
+                for k, t in enumerate(enc.ids):
+                    s, e = offsets[k]
+                    if base + s >= last:
+                        labels.extend(tail[k:] if tail is not None else [IGNORE_INDEX] * (len(enc.ids) - k))
+                        break
+                    labels.append(t if any(base + s < b and base + e > a for a, b in cut) else IGNORE_INDEX)
+        return ids, labels
 
     def _assistant_spans(self, r: _Rendered) -> list[tuple[int, int]]:
         spans = []
@@ -291,12 +313,12 @@ class TemplateEncoder:
                 log.warning("id=%r: the chat template cannot render it: %s", c.id, errors[k])
                 out.append(EncodedSample(c.id, [], [], drop_reason="template_error"))
                 continue
-            ids, offsets = self._tokens(r, [next(encodings) for _ in r.runs])
-            out.append(self._sample(c, r, ids, offsets))
+            out.append(self._sample(c, r, [next(encodings) for _ in r.runs]))
         return out
 
-    def _sample(self, c: Conversation, r: _Rendered, ids: list[int], offsets: list[tuple[int, int]]) -> EncodedSample:
+    def _sample(self, c: Conversation, r: _Rendered, encodings: list[Any]) -> EncodedSample:
         spans = self._assistant_spans(r)
+        ids, labels = self._tokens(r, encodings, spans)
         n_assistant = sum(role == "assistant" for role, _ in c.turns)
         if len(spans) != n_assistant:
             log.warning("id=%r: the template rendered %d assistant turns for %d assistant messages", c.id,
@@ -306,13 +328,6 @@ class TemplateEncoder:
         if lost_calls:
             # An assistant turn whose only content is a call the template cannot show would train an empty turn.
             return EncodedSample(c.id, ids, [IGNORE_INDEX] * len(ids), drop_reason="template_drops_tool_calls")
-        labels = [IGNORE_INDEX] * len(ids)
-        j = 0
-        for i, (s, e) in enumerate(offsets):
-            while j < len(spans) and spans[j][1] <= s:
-                j += 1
-            if j < len(spans) and s < spans[j][1] and e > spans[j][0]:
-                labels[i] = ids[i]
         notes = self._dropped_reasoning(c, r, spans)
         if c.tools and not any(_tool_name(t) in r.text for t in c.tools):
             notes.append("tools_not_rendered")
