@@ -148,7 +148,9 @@ def _encode_batch(batch: dict[str, list], encoder: Any) -> dict[str, list]:
     enc = encoder.encode(convs)
     return {"id": [e.id for e in enc], "input_ids": [e.input_ids for e in enc], "labels": [e.labels for e in enc],
             "length": [len(e.input_ids) for e in enc], "truncated": [e.truncated for e in enc],
-            "drop_reason": [e.drop_reason for e in enc], "notes": [e.notes for e in enc]}
+            "drop_reason": [e.drop_reason for e in enc],
+            # One string per row: an all-empty list column would get Arrow's null type in some batches.
+            "notes": [",".join(e.notes) for e in enc]}
 
 
 def tokenize(convs: list[Conversation], encoder: Any, report: DataReport, num_proc: int = 1) -> datasets.Dataset:
@@ -163,7 +165,7 @@ def tokenize(convs: list[Conversation], encoder: Any, report: DataReport, num_pr
     report.truncated += sum(ds["truncated"])
     report.template = encoder.name
     for notes in ds["notes"]:
-        report.ignored.update(notes)
+        report.ignored.update(notes.split(",") if notes else [])
     ids = ds["id"]
     for r, i in zip(reasons, ids):
         if r:
