@@ -14,6 +14,11 @@ throughput is always *ChatML tokens of the whole set / seconds*, so the columns 
 * qwen-tune: ``ChatMLEncoder.encode`` over batches of 512 ``Conversation``s (the batch size
   ``qwen_tune.data.dataset.tokenize`` uses) -> ids + labels; "+ parsing" adds ``to_conversation``
   on the raw records (validation), which the reference does not do;
+* chat template (Qwen2.5 / Qwen3): ``TemplateEncoder.encode`` with the real Qwen2.5-Instruct and Qwen3
+  templates (tests/fixtures/chat_templates) on a Qwen2-style fast tokenizer exported from the same ranks
+  (``export_qwen2_tokenizer``): the checkpoint-template path. Its throughput is counted in the same ChatML
+  tokens (its own layout differs a little: Qwen2.5's longer default system, Qwen3's think block and no system);
+  "vs qwen-tune" is the ratio the 2x target is about;
 * raw tiktoken: only the text pieces (system prompt + every turn) through the bare
   ``tiktoken.Encoding`` -- no template, labels, NFC check or Python around it; both
   ``encode_ordinary_batch`` and a loop of ``encode_ordinary`` are timed and the faster counts.
@@ -40,7 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DEFAULT_SYSTEM, machine_info, machine_line, reference_preprocess, table, write_results  # noqa: E402
 from make_data import DEFAULT_OUT, load_bench_data  # noqa: E402
 
-TARGETS = {"vs_reference": 10.0, "vs_raw_tiktoken": 0.70}
+TARGETS = {"vs_reference": 10.0, "vs_raw_tiktoken": 0.70, "template_vs_chatml": 0.5}
+TEMPLATES = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "chat_templates"
 BATCH = 512
 
 
@@ -80,6 +86,24 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(records)} conversations, {chatml_tokens:,} ChatML tokens ({text_tokens:,} of them text), "
           f"{len(texts):,} text pieces; qwen-tune output == reference output: ok", flush=True)
 
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from qwen_tune.data.chat_template import ChatTemplate, TemplateEncoder
+    from qwen_tune.data.tokenizer import export_qwen2_tokenizer
+
+    with tempfile.TemporaryDirectory() as d:
+        export_qwen2_tokenizer(d, chat_template=None)
+        hf_tok = AutoTokenizer.from_pretrained(d)
+    tpl = {f: TemplateEncoder(hf_tok, ChatTemplate("checkpoint", (TEMPLATES / f / "chat_template.jinja").read_text(), f),
+                              args.max_len) for f in ("qwen2.5-instruct", "qwen3")}
+    for f, te in tpl.items():  # correctness: what the checkpoint's own apply_chat_template gives
+        hf_tok.chat_template = te.template.text
+        for c, s in zip(convs[:50], te.encode(convs[:50])):
+            if s.input_ids[: args.max_len] != hf_tok.apply_chat_template(c.messages(), tokenize=True,
+                                                                          return_dict=False)[: args.max_len]:
+                raise AssertionError(f"TemplateEncoder ({f}) differs from apply_chat_template on {c.id}")
     # Slices of the set: every repeat runs each method on slice 1, then each on slice 2, ... (order rotating),
     # so the methods are interleaved at a ~0.1-2 s grain.
     bounds = [round(i * len(records) / args.slices) for i in range(args.slices + 1)]
@@ -104,6 +128,14 @@ def main(argv: list[str] | None = None) -> int:
             encoder.encode([to_conversation(RawRecord("bench", i + j, r), "qwen")
                             for j, r in enumerate(records[i:min(i + BATCH, hi)])])
 
+    def m_tpl25(lo: int, hi: int) -> None:
+        for i in range(lo, hi, BATCH):
+            tpl["qwen2.5-instruct"].encode(convs[i:min(i + BATCH, hi)])
+
+    def m_tpl3(lo: int, hi: int) -> None:
+        for i in range(lo, hi, BATCH):
+            tpl["qwen3"].encode(convs[i:min(i + BATCH, hi)])
+
     def m_raw_batch(lo: int, hi: int) -> None:
         t = texts[text_at[lo]:text_at[hi]]
         for i in range(0, len(t), BATCH * 4):
@@ -116,12 +148,14 @@ def main(argv: list[str] | None = None) -> int:
 
     methods: dict[str, Callable[[int, int], None]] = {
         "reference": m_reference, "reference_unpadded": m_reference_unpadded, "ours": m_ours,
-        "ours_parse": m_ours_parse, "raw_batch": m_raw_batch, "raw_loop": m_raw_loop,
+        "raw_loop": m_raw_loop,
     }
     labels = {"reference": "reference preprocess (as shipped: padded, tensors)",
               "reference_unpadded": "reference preprocess, unpadded",
               "ours": "qwen-tune ChatMLEncoder.encode (batches of 512)",
               "ours_parse": "qwen-tune to_conversation + encode",
+              "tpl25": "qwen-tune TemplateEncoder, Qwen2.5-Instruct chat template",
+              "tpl3": "qwen-tune TemplateEncoder, Qwen3 chat template",
               "raw_batch": "raw tiktoken encode_ordinary_batch (texts only)",
               "raw_loop": "raw tiktoken encode_ordinary loop (texts only)"}
     names = list(methods)
@@ -181,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{100 * TARGETS['vs_raw_tiktoken']:.0f}%: {'MET' if r_raw >= TARGETS['vs_raw_tiktoken'] else 'NOT MET'}",
         line("ours", "qwen-tune ChatMLEncoder.encode"),
         line("ours_parse", "qwen-tune with to_conversation parsing"),
+        *[f"chat-template path ({labels[k].rsplit(', ', 1)[1]}): {speed(best_cpu, k, 'ours'):.2f}x the ChatML "
+          f"encoder's tokens/s ({speed(med_wall, k, 'ours'):.2f}x by median wall time) vs target >= "
+          f"{TARGETS['template_vs_chatml']:.2f}x: {'MET' if speed(best_cpu, k, 'ours') >= TARGETS['template_vs_chatml'] else 'NOT MET'}"
+          for k in ("tpl25", "tpl3")],
     ]
     head = (f"{len(records)} conversations, {chatml_tokens:,} ChatML tokens ({text_tokens:,} text tokens); "
             f"{args.repeats} repeats x {args.slices} slices, methods interleaved per slice; tokens/s = the set's "

@@ -57,8 +57,14 @@ class DataConfig(_Section):
     eval_datasets: list[DatasetSpec] = Field(default_factory=list)
     eval_split_ratio: float = Field(0.0, ge=0, lt=1)
     max_len: int = Field(512, gt=8)  # the reference's model_max_length
-    mask: Literal["reference", "assistant_only"] = "reference"
-    system_prompt: str = "You are a helpful assistant."
+    # auto = the checkpoint's chat_template when it has one, else Qwen-1's reference ChatML; checkpoint insists
+    # on the checkpoint's; chatml forces the reference layout; or a path to a .jinja template file.
+    template: str = "auto"
+    # auto = reference on the ChatML path, assistant_only with a chat template (reference is ChatML-only).
+    mask: Literal["auto", "reference", "assistant_only"] = "auto"
+    system_prompt: Optional[str] = None  # None = the template's default ("You are a helpful assistant." on ChatML)
+    enable_thinking: Optional[bool] = None  # passed to templates that take it (Qwen3, Qwen3.5); None = their default
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)  # any other template variable
     truncation: Literal["cut", "drop"] = "cut"
     packing: bool = True
     pad_to_multiple_of: Optional[int] = None
@@ -66,6 +72,27 @@ class DataConfig(_Section):
     num_proc: int = 1
     cache_dir: Optional[str] = None
     streaming: bool = False
+
+    @field_validator("template")
+    @classmethod
+    def _template_setting(cls, v: str) -> str:
+        if v in ("auto", "chatml", "checkpoint") or v.endswith((".jinja", ".j2")):
+            return v
+        raise ValueError("must be auto, chatml, checkpoint or a path to a .jinja chat template file")
+
+    @model_validator(mode="after")
+    def _mask_fits_template(self) -> "DataConfig":
+        if self.mask == "reference" and self.template not in ("auto", "chatml"):
+            raise ValueError("data.mask: reference is Qwen-1's ChatML label layout; with a chat template use "
+                             "assistant_only or auto")
+        if "enable_thinking" in self.chat_template_kwargs and self.enable_thinking is not None:
+            raise ValueError("set enable_thinking once: data.enable_thinking or data.chat_template_kwargs, not both")
+        return self
+
+    @property
+    def template_kwargs(self) -> dict[str, Any]:
+        extra = {} if self.enable_thinking is None else {"enable_thinking": self.enable_thinking}
+        return {**self.chat_template_kwargs, **extra}
 
     @model_validator(mode="before")
     @classmethod
@@ -306,6 +333,8 @@ def _resolve_paths(recipe: Recipe, base: Path) -> None:
         recipe.deepspeed = fix(recipe.deepspeed)
     for spec in recipe.data.datasets + recipe.data.eval_datasets:
         spec.path = fix(spec.path)
+    if recipe.data.template not in ("auto", "chatml", "checkpoint"):
+        recipe.data.template = fix(recipe.data.template) or recipe.data.template
 
 
 def list_recipes() -> list[tuple[str, str]]:

@@ -43,3 +43,58 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+CHAT_TEMPLATES = ROOT / "tests" / "fixtures" / "chat_templates"
+# Added tokens beyond <|endoftext|>/<|im_start|>/<|im_end|> each family's real tokenizer has (ids and special
+# flags as in qwen3-thinking-2507/tokenizer_config.json): Qwen1.5/Qwen2 none, Qwen2.5 up to <|file_sep|>
+# 151664, QwQ / Qwen3 up to </think> 151668. Qwen3.5 ships a new tokenizer not available here: its template is
+# tested on the Qwen3 one.
+FAMILY_VOCAB = {"qwen1.5-chat": 151646, "qwen2-instruct": 151646, "qwen2.5-instruct": 151665, "qwq-32b": 151669,
+                "qwen3": 151669, "qwen3-instruct-2507": 151669, "qwen3-thinking-2507": 151669, "qwen3-coder": 151669,
+                "qwen3.5": 151669}
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One tokenizer dir per fixture family, as its checkpoint ships it (tokenizer.json + its chat template).
+
+    The 18 MB tokenizer.json is exported once per vocabulary size and hard-linked into each family's dir.
+    """
+    import json
+    import shutil
+
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    from qwen_tune.data.tokenizer import export_qwen2_tokenizer
+
+    root = tmp_path_factory.mktemp("families")
+    added = json.loads((CHAT_TEMPLATES / "qwen3-thinking-2507" / "tokenizer_config.json").read_text())
+    added = sorted((int(k), v) for k, v in added["added_tokens_decoder"].items() if int(k) >= 151646)
+    vocab_dirs = {}
+    for size in sorted(set(FAMILY_VOCAB.values())):
+        d = root / f"vocab_{size}"
+        if size == 151646:
+            export_qwen2_tokenizer(d, chat_template=None)
+        else:
+            tok = AutoTokenizer.from_pretrained(vocab_dirs[151646])
+            for idx, t in added:
+                if idx < size:
+                    tok.add_tokens([AddedToken(t["content"], special=t["special"], normalized=False)],
+                                   special_tokens=t["special"])
+                    assert tok.convert_tokens_to_ids(t["content"]) == idx
+            tok.save_pretrained(d)
+        vocab_dirs[size] = d
+    out = {}
+    for family, size in FAMILY_VOCAB.items():
+        d = root / family
+        shutil.copytree(vocab_dirs[size], d, copy_function=os.link)
+        src = CHAT_TEMPLATES / family
+        if (src / "tokenizer_config.json").exists():  # a whole real tokenizer_config.json
+            os.unlink(d / "tokenizer_config.json")
+            shutil.copy(src / "tokenizer_config.json", d / "tokenizer_config.json")
+        else:
+            shutil.copy(src / "chat_template.jinja", d / "chat_template.jinja")
+        out[family] = d
+    return out

@@ -36,8 +36,15 @@ def test_tokenize_with_checkpoint_tokenizer_dir(tmp_path):
     data = str(EXAMPLES / "sharegpt.json")
     assert run_cli("data", "tokenize", "--data", data, "--max-len", "512", "--out", str(a)) == 0
     assert run_cli("data", "tokenize", "--data", data, "--max-len", "512", "--model", str(tok_dir),
-                   "--out", str(b)) == 0
+                   "--template", "chatml", "--out", str(b)) == 0
     assert a.read_text() == b.read_text() and a.read_text().count("\n") == 8
+    # By default the dir's own chat template (a Qwen2 ChatML one) is used: same ids, assistant_only labels.
+    c = tmp_path / "c.jsonl"
+    assert run_cli("data", "tokenize", "--data", data, "--max-len", "512", "--model", str(tok_dir),
+                   "--out", str(c)) == 0
+    ref, tpl = ([json.loads(x) for x in f.read_text().splitlines()] for f in (a, c))
+    assert [r["input_ids"] for r in ref] == [r["input_ids"] for r in tpl]
+    assert all(r["labels"][0] == -100 for r in tpl) and all(r["labels"][0] != -100 for r in ref)
 
 
 def test_check_reports_histogram_truncation_and_bad_records(capsys):

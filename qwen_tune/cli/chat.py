@@ -1,4 +1,8 @@
-"""`qwen-tune chat`: try a fine-tuned model with the same ChatML template it was trained on."""
+"""`qwen-tune chat`: try a fine-tuned model with the same chat template it was trained on.
+
+The prompt goes through the encoder training used (`make_encoder`): the checkpoint's chat_template with its
+generation prompt and thinking switch, or Qwen-1's ChatML, so what chat shows is what the model learned.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import argparse
 import sys
 from typing import Any
 
+from ..data.chat_template import TemplateEncoder, make_encoder
 from ..data.template import DEFAULT_SYSTEM
 
 
@@ -14,19 +19,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="checkpoint dir (a merged or full fine-tune, or the adapter's base)")
     p.add_argument("--adapter", default=None, help="LoRA adapter dir to apply on top of --model")
     p.add_argument("--prompt", "-p", default=None, help="one-shot prompt; omit for an interactive session")
-    p.add_argument("--system", default=DEFAULT_SYSTEM)
+    p.add_argument("--system", default=None, help="system prompt (default: the template's own default)")
+    p.add_argument("--template", default="auto", help="auto | chatml | checkpoint | FILE.jinja, as data.template")
+    p.add_argument("--enable-thinking", choices=["true", "false"], default=None,
+                   help="thinking switch of templates that take it (Qwen3, Qwen3.5)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.set_defaults(func=cmd_chat)
 
 
-def build_prompt_ids(tokenizer: Any, system: str, history: list[tuple[str, str]]) -> list[int]:
-    """ChatML ids of the conversation so far plus an open assistant header, as in training."""
+def build_prompt_ids(tokenizer: Any, system: str | None, history: list[tuple[str, str]], template: str = "auto",
+                     template_kwargs: dict[str, Any] | None = None) -> list[int]:
+    """Ids of the conversation so far plus the template's generation prompt, as in training."""
     from ..data.formats import Conversation
-    from ..data.template import ChatMLEncoder
 
-    enc = ChatMLEncoder(tokenizer, max_len=10**9, default_system=system)
-    # Encode with a placeholder answer, then cut the answer and its closing tokens off.
+    enc = make_encoder(tokenizer, 10**9, template=template, system_prompt=system, template_kwargs=template_kwargs)
+    if isinstance(enc, TemplateEncoder):
+        return enc.encode_prompt(Conversation("chat", list(history), system).messages())
+    # ChatML: encode with a placeholder answer, then cut the answer and its closing tokens off.
+    system = DEFAULT_SYSTEM if system is None else system
     sample = enc.encode([Conversation("chat", history + [("assistant", "")], system)])[0]
     return sample.input_ids[: -(1 + len(enc.nl))]
 
@@ -76,9 +87,14 @@ def generate(model: Any, tokenizer: Any, ids: list[int], max_new_tokens: int, te
 
 def cmd_chat(args: argparse.Namespace) -> int:
     model, tokenizer = load_for_chat(args.model, args.adapter)
+    kwargs = {} if args.enable_thinking is None else {"enable_thinking": args.enable_thinking == "true"}
+
+    def prompt(history: list[tuple[str, str]]) -> list[int]:
+        return build_prompt_ids(tokenizer, args.system, history, args.template, kwargs)
+
     history: list[tuple[str, str]] = []
     if args.prompt is not None:
-        ids = build_prompt_ids(tokenizer, args.system, [("user", args.prompt)])
+        ids = prompt([("user", args.prompt)])
         print(generate(model, tokenizer, ids, args.max_new_tokens, args.temperature))
         return 0
     print("interactive chat: empty line or Ctrl-D to quit, /reset to clear history", file=sys.stderr)
@@ -93,8 +109,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             history = []
             continue
         history.append(("user", line))
-        answer = generate(model, tokenizer, build_prompt_ids(tokenizer, args.system, history),
-                          args.max_new_tokens, args.temperature)
+        answer = generate(model, tokenizer, prompt(history), args.max_new_tokens, args.temperature)
         print(f"assistant> {answer}")
         history.append(("assistant", answer))
     return 0

@@ -12,7 +12,8 @@ from ..config import DatasetSpec
 from ..data.dataset import load_conversations
 from ..data.formats import Conversation, detect_file_format
 from ..data.report import DataReport
-from ..data.template import DEFAULT_SYSTEM, IGNORE_INDEX, ChatMLEncoder, EncodedSample
+from ..data.chat_template import make_encoder
+from ..data.template import IGNORE_INDEX, EncodedSample
 from ..data.tokenizer import load_tokenizer
 
 
@@ -22,8 +23,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     def common(q: argparse.ArgumentParser, max_len: int = 512) -> None:
         q.add_argument("--max-len", type=int, default=max_len, help="model_max_length (default %(default)s)")
-        q.add_argument("--mask", choices=["reference", "assistant_only"], default="reference")
-        q.add_argument("--system", default=DEFAULT_SYSTEM, help="default system prompt")
+        q.add_argument("--template", default="auto",
+                       help="auto | chatml | checkpoint | FILE.jinja (default %(default)s: the checkpoint's "
+                            "chat_template when it has one, else Qwen-1's ChatML)")
+        q.add_argument("--mask", choices=["auto", "reference", "assistant_only"], default="auto",
+                       help="auto = reference on ChatML, assistant_only with a chat template")
+        q.add_argument("--system", default=None, help="default system prompt (default: the template's own)")
+        q.add_argument("--enable-thinking", choices=["true", "false"], default=None,
+                       help="passed to templates that take it (Qwen3, Qwen3.5)")
         q.add_argument("--model", default=None, help="checkpoint dir whose tokenizer to use (default: bundled Qwen)")
         q.add_argument("--format", default="auto", choices=["auto", "qwen", "sharegpt", "openai", "alpaca"])
         q.add_argument("--truncation", choices=["cut", "drop"], default="cut")
@@ -53,12 +60,19 @@ class Encoded:
     formats: dict[str, str] = field(default_factory=dict)
     convs: list[Conversation] = field(default_factory=list)
     samples: list[EncodedSample] = field(default_factory=list)
+    tokenizer: object = None
+
+
+def _encoder(args: argparse.Namespace, tokenizer: object, max_len: int) -> object:
+    kwargs = {} if args.enable_thinking is None else {"enable_thinking": args.enable_thinking == "true"}
+    return make_encoder(tokenizer, max_len, template=args.template, mask=args.mask, system_prompt=args.system,
+                        truncation=args.truncation, template_kwargs=kwargs, origin=args.model)
 
 
 def encode_files(files: list[str], args: argparse.Namespace) -> Encoded:
     tokenizer = load_tokenizer(args.model)
-    encoder = ChatMLEncoder(tokenizer, args.max_len, args.mask, args.system, args.truncation)
-    out = Encoded(DataReport("data"))
+    encoder = _encoder(args, tokenizer, args.max_len)
+    out = Encoded(DataReport("data", template=encoder.name), tokenizer=tokenizer)
     for f in files:
         spec = DatasetSpec(path=f, format=args.format)
         if spec.format == "auto":
@@ -69,8 +83,11 @@ def encode_files(files: list[str], args: argparse.Namespace) -> Encoded:
         else:
             out.formats[f] = spec.format
         out.convs += load_conversations(spec, out.report, args.strict)
+    for c in out.convs:
+        out.report.ignored.update(c.ignored)
     out.samples = encoder.encode(out.convs)
     for s in out.samples:
+        out.report.ignored.update(s.notes)
         out.report.truncated += s.truncated
         if s.drop_reason:
             out.report.add_drop(s.drop_reason, f"id={s.id!r}")
@@ -89,9 +106,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     enc = encode_files(args.files, args)
     for f, fmt in enc.formats.items():
         print(f"{f}: format {fmt}")
+    print(f"template: {enc.report.template}")
     # Lengths before truncation tell how much max_len cuts.
-    full = ChatMLEncoder(load_tokenizer(args.model), 10**9, args.mask, args.system)
-    lengths = sorted(len(s.input_ids) for s in full.encode(enc.convs))
+    full = _encoder(args, enc.tokenizer, 10**9)
+    lengths = sorted(len(s.input_ids) for s in full.encode(enc.convs) if s.input_ids)
     turns = sum(len(c.turns) for c in enc.convs)
     kept = [s for s in enc.samples if not s.drop_reason]
     trained = sum(sum(1 for t in s.labels[1:] if t != IGNORE_INDEX) for s in kept)
@@ -130,8 +148,9 @@ def cmd_preview(args: argparse.Namespace) -> int:
     from rich.text import Text
 
     enc = encode_files([args.file], args)
-    tokenizer = load_tokenizer(args.model)
+    tokenizer = enc.tokenizer
     console = Console(highlight=False)
+    console.print(f"template: {enc.report.template}", markup=False)
     console.print("[bold green]green[/] = trained (label kept), [dim]dim[/] = ignored (-100)")
     for s in enc.samples[: args.n]:
         head = f"── id={s.id} tokens={len(s.input_ids)}" + (" TRUNCATED" if s.truncated else "")

@@ -24,6 +24,7 @@ from ..config import DataConfig, DatasetSpec
 from ..constants import cache_root
 from .formats import Conversation, DataError, RawRecord, detect_file_format, list_data_files, read_records, to_conversation
 from .report import DataReport
+from .chat_template import make_encoder
 from .template import TEMPLATE_VERSION, ChatMLEncoder
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ def load_conversations(spec: DatasetSpec, report: DataReport, strict: bool = Fal
             report.add_error(e)
             continue
         report.leading_assistant_dropped += conv.dropped_leading_assistant
+        report.ignored.update(conv.ignored)
         convs.append(conv)
     return convs
 
@@ -123,7 +125,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def cache_key(cfg: DataConfig, tokenizer: Any, seed: int) -> str:
+def cache_key(cfg: DataConfig, tokenizer: Any, seed: int, template: str = "") -> str:
     h = hashlib.sha256()
     for spec in cfg.datasets + cfg.eval_datasets:
         h.update(spec.model_dump_json().encode())
@@ -135,30 +137,36 @@ def cache_key(cfg: DataConfig, tokenizer: Any, seed: int) -> str:
                 _file_digest(f, h)
     params = dict(v=TEMPLATE_VERSION, tok=tokenizer_fingerprint(tokenizer), max_len=cfg.max_len, mask=cfg.mask,
                   system=cfg.system_prompt, trunc=cfg.truncation, ratio=cfg.eval_split_ratio, seed=seed,
-                  strict=cfg.strict)
+                  strict=cfg.strict, template=template, template_kwargs=cfg.template_kwargs)
     h.update(json.dumps(params, sort_keys=True).encode())
     return h.hexdigest()[:24]
 
 
-def _encode_batch(batch: dict[str, list], encoder: ChatMLEncoder) -> dict[str, list]:
-    convs = [Conversation(i, list(zip(r, t)), s) for i, s, r, t in
-             zip(batch["id"], batch["system"], batch["roles"], batch["texts"])]
+def _encode_batch(batch: dict[str, list], encoder: Any) -> dict[str, list]:
+    extra = batch.get("extra") or [""] * len(batch["id"])
+    convs = [Conversation.from_row(i, s, r, t, x) for i, s, r, t, x in
+             zip(batch["id"], batch["system"], batch["roles"], batch["texts"], extra)]
     enc = encoder.encode(convs)
     return {"id": [e.id for e in enc], "input_ids": [e.input_ids for e in enc], "labels": [e.labels for e in enc],
             "length": [len(e.input_ids) for e in enc], "truncated": [e.truncated for e in enc],
-            "drop_reason": [e.drop_reason for e in enc]}
+            "drop_reason": [e.drop_reason for e in enc],
+            # One string per row: an all-empty list column would get Arrow's null type in some batches.
+            "notes": [",".join(e.notes) for e in enc]}
 
 
-def tokenize(convs: list[Conversation], encoder: ChatMLEncoder, report: DataReport, num_proc: int = 1) -> datasets.Dataset:
+def tokenize(convs: list[Conversation], encoder: Any, report: DataReport, num_proc: int = 1) -> datasets.Dataset:
     """Tokenize with `datasets.map`, count truncations and drops into `report`, return the kept rows."""
     raw = datasets.Dataset.from_list([c.to_dict() for c in convs]) if convs else \
-        datasets.Dataset.from_dict({"id": [], "system": [], "roles": [], "texts": []})
+        datasets.Dataset.from_dict({"id": [], "system": [], "roles": [], "texts": [], "extra": []})
     ds = raw.map(_encode_batch, fn_kwargs={"encoder": encoder}, batched=True, batch_size=512,
                  num_proc=num_proc if num_proc > 1 and len(raw) > 1024 else None,
                  remove_columns=raw.column_names, new_fingerprint=f"qt-{id(encoder)}-{len(raw)}",
                  desc=f"Tokenizing {report.name}")
     reasons = ds["drop_reason"]
     report.truncated += sum(ds["truncated"])
+    report.template = encoder.name
+    for notes in ds["notes"]:
+        report.ignored.update(notes.split(",") if notes else [])
     ids = ds["id"]
     for r, i in zip(reasons, ids):
         if r:
@@ -172,11 +180,14 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, seed: int = 42, use_cache: boo
     """Everything between data specs in a recipe and the datasets the Trainer consumes."""
     if not cfg.datasets:
         raise DataError("<recipe>", "no_data", "no training data: set data.path or data.datasets")
-    encoder = ChatMLEncoder(tokenizer, cfg.max_len, cfg.mask, cfg.system_prompt, cfg.truncation)
+    encoder = make_encoder(tokenizer, cfg.max_len, template=cfg.template, mask=cfg.mask,
+                           system_prompt=cfg.system_prompt, truncation=cfg.truncation,
+                           template_kwargs=cfg.template_kwargs)
+    log.info("data: chat template %s, labels %s", encoder.name, encoder.mask)
     if cfg.streaming:
-        return PreparedData(_streaming_dataset(cfg, encoder), None, [DataReport("train (streaming)")])
+        return PreparedData(_streaming_dataset(cfg, encoder), None, [DataReport("train (streaming)", template=encoder.name)])
     cache_root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    key = cache_key(cfg, tokenizer, seed)
+    key = cache_key(cfg, tokenizer, seed, encoder.template_id)
     cached = cache_root / "tokenized" / key
     if use_cache and (cached / "done.json").exists():
         meta = json.loads((cached / "done.json").read_text())
@@ -227,10 +238,11 @@ def _report_from_dict(d: dict[str, Any]) -> DataReport:
 
     r = DataReport(d["name"], d["records"], d["kept"], d["truncated"], d["leading_assistant_dropped"],
                    Counter(d["skipped"]), Counter(d["dropped"]), d["examples"])
+    r.template, r.ignored = d.get("template", ""), Counter(d.get("ignored", {}))
     return r
 
 
-def _streaming_dataset(cfg: DataConfig, encoder: ChatMLEncoder) -> datasets.IterableDataset:
+def _streaming_dataset(cfg: DataConfig, encoder: Any) -> datasets.IterableDataset:
     """Lazy mode for data larger than memory: records are validated and encoded as they are read."""
     def gen(specs: list[dict]) -> Iterable[dict]:
         for s in specs:

@@ -26,6 +26,17 @@ _REASON_TEXT = {
     "prompt_too_long": "prompt alone fills max_len",
     "prompt_mismatch": "chosen and rejected do not share their prompt",
     "no_user_turn": "prompt does not end with a user turn",
+    "invalid_tools": "invalid `tools`",
+    "invalid_tool_call": "invalid tool call",
+    "invalid_reasoning": "invalid `reasoning_content`",
+    "chatml_has_no_tool_format": "tool calls / tool results, but Qwen-1's ChatML has no tool format "
+                                 "(use a checkpoint chat template)",
+    "template_error": "the chat template cannot render it (see the log)",
+    "template_mismatch": "the template rendered a different number of assistant turns",
+    "template_drops_tool_calls": "tool calls the chat template does not render",
+    "reasoning_not_rendered": "reasoning_content not rendered (Qwen-1 ChatML has no reasoning format)",
+    "reasoning_dropped_by_template": "reasoning_content the template drops (earlier turns)",
+    "tools_not_rendered": "tool definitions the template does not render",
 }
 
 
@@ -42,6 +53,8 @@ class DataReport:
     dropped: Counter = field(default_factory=Counter)  # valid records not kept, by reason
     examples: dict[str, list[str]] = field(default_factory=dict)
     max_examples: int = 3
+    template: str = ""  # the chat template the split was rendered with
+    ignored: Counter = field(default_factory=Counter)  # fields (or parts) not used, by name; samples kept
 
     def add_error(self, e: DataError) -> None:
         self.skipped[e.reason] += 1
@@ -63,11 +76,14 @@ class DataReport:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "records": self.records, "kept": self.kept, "truncated": self.truncated,
                 "leading_assistant_dropped": self.leading_assistant_dropped,
-                "skipped": dict(self.skipped), "dropped": dict(self.dropped), "examples": self.examples}
+                "skipped": dict(self.skipped), "dropped": dict(self.dropped), "examples": self.examples,
+                "template": self.template, "ignored": dict(self.ignored)}
 
     def lines(self) -> list[str]:
         out = [f"[{self.name}] {self.records} records read, {self.kept} kept, "
                f"{sum(self.skipped.values())} invalid, {sum(self.dropped.values())} dropped, {self.truncated} truncated"]
+        if self.template:
+            out.append(f"  template: {self.template}")
         if self.leading_assistant_dropped:
             out.append(f"  {self.leading_assistant_dropped} conversations started with an assistant turn; "
                        "that turn was dropped (as the reference does)")
@@ -75,6 +91,8 @@ class DataReport:
             for reason, n in counter.most_common():
                 out.append(f"  {kind}: {n} x {_REASON_TEXT.get(reason, reason)}")
                 out.extend(f"    e.g. {ex}" for ex in self.examples.get(reason, []))
+        for what, n in self.ignored.most_common():
+            out.append(f"  ignored (sample kept): {n} x {_REASON_TEXT.get(what, f'field `{what}`')}")
         return out
 
     def __str__(self) -> str:

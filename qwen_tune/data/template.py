@@ -14,7 +14,7 @@ control tokens, so a user typing ``<|im_end|>`` cannot forge a turn.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
 from ..constants import IGNORE_INDEX, IM_END, IM_START
@@ -44,6 +44,7 @@ class EncodedSample:
     labels: list[int]
     truncated: bool = False
     drop_reason: str = ""  # "" = kept
+    notes: list[str] = field(default_factory=list)  # what the template did not render, one entry per occurrence
 
 
 class ChatMLEncoder:
@@ -70,16 +71,27 @@ class ChatMLEncoder:
         self.nl = nl
         self.role_ids = {"system": system, "user": user, "assistant": assistant}
 
+    name = "chatml (Qwen-1 reference preprocess)"
+    template_id = "chatml"
+
     def encode(self, convs: Sequence[Conversation]) -> list[EncodedSample]:
+        # Qwen-1's ChatML has no tool-call layout (its ReAct prompt is a different training format),
+        # so such records are dropped and counted; reasoning is kept out of the text and counted.
+        usable = [c for c in convs if not c.has_tools]
         texts: list[str] = []
-        for c in convs:
+        for c in usable:
             texts.append(self.default_system if c.system is None else c.system)
             texts.extend(t for _, t in c.turns)
         pieces = iter(encode_texts(self.tokenizer, texts))
         out = []
         for c in convs:
+            if c.has_tools:
+                out.append(EncodedSample(c.id, [], [], drop_reason="chatml_has_no_tool_format"))
+                continue
             turns = [("system", next(pieces))] + [(role, next(pieces)) for role, _ in c.turns]
-            out.append(self._assemble(c.id, turns))
+            sample = self._assemble(c.id, turns)
+            sample.notes = ["reasoning_not_rendered"] * sum(bool(e.get("reasoning_content")) for e in c.extras or [])
+            out.append(sample)
         return out
 
     def _assemble(self, sample_id: str, turns: list[tuple[str, list[int]]]) -> EncodedSample:

@@ -1,0 +1,375 @@
+"""Conversations rendered with the checkpoint's own chat template, token for token as inference sees them.
+
+Qwen1.5 ... Qwen3.5 checkpoints ship a jinja ``chat_template``; vLLM and transformers render prompts with it,
+so training must use the same layout (default system, ``<think>`` blocks, tool-call blocks). The template is
+rendered by transformers' own jinja renderer (``render_jinja_template``, the engine of
+``tokenizer.apply_chat_template``); nothing of any template is copied here.
+
+Tokens are exactly ``tokenizer.apply_chat_template(messages, tools=..., tokenize=True)``, with one deliberate
+exception: *special* control tokens typed inside data (``<|im_start|>``, ``<|im_end|>``, ...) are encoded as
+plain text, so data cannot forge turns. Non-special added tokens (``<think>``, ``<tool_call>``, ...) are encoded
+as the tokenizer does, in data and template alike. How: every special-token string in the data is wrapped in
+private-use markers before rendering, so after rendering the template's own control tokens are the unmarked
+ones. The rendered string is cut only at those; each maximal run between them (data and template text
+together, markers removed) is tokenized in one piece with special tokens disabled, so BPE seams are those of
+the whole string. (transformers' ``sanitize_control_tokens`` does the same marking but tokenizes each marked
+token apart from its neighbours and returns no offsets, which labels need.)
+
+Labels (``assistant_only``): these templates have no ``{% generation %}`` markers, and rendering prefixes is not
+exact for Qwen3-style templates (whether a turn keeps its reasoning depends on later user turns). Every Qwen
+template frames turns in ChatML, so the spans are read off the one full rendering: an assistant turn's body runs
+from after the template-emitted ``<|im_start|>assistant\\n`` through its ``<|im_end|>`` and the ``\\n`` after it
+(labelled, as Qwen-1's reference mask labels it). A token is labelled when any of its characters lies in a body
+(the header's ``\\n`` can merge with content that starts with newlines). The number of assistant turns rendered
+must equal the number of assistant messages, otherwise the sample is dropped as ``template_mismatch``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from transformers.utils.chat_template_utils import render_jinja_template
+
+from ..config import ConfigError
+from .formats import Conversation
+from .template import DEFAULT_SYSTEM, IGNORE_INDEX, ChatMLEncoder, EncodedSample, TruncationMode
+from .tokenizer import IM_END, IM_START, QWenTokenizer
+
+log = logging.getLogger(__name__)
+TEMPLATE_SETTINGS = ("auto", "chatml", "checkpoint")
+# Private-use code points no tokenizer text contains; wrapped around special tokens typed in data.
+_MARK_START, _MARK_END = "\U000f0100", "\U000f0101"
+
+
+class ChatTemplateError(ConfigError):
+    """The recipe asks for a template that does not exist or cannot be used; one readable line."""
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """The template a run trains with: ``text`` None means Qwen-1's reference ChatML path."""
+
+    kind: str  # "chatml" | "checkpoint" | "file"
+    text: str | None
+    origin: str = ""
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256((self.text or "chatml").encode()).hexdigest()[:12]
+
+    @property
+    def name(self) -> str:
+        if self.text is None:
+            return "chatml (Qwen-1 reference preprocess)"
+        return f"{self.kind} chat_template of {self.origin} (sha256 {self.sha256})"
+
+
+def _tokenizer_template(tokenizer: Any) -> str | None:
+    tpl = getattr(tokenizer, "chat_template", None)
+    if isinstance(tpl, dict):  # named templates: the default one renders conversations
+        tpl = tpl.get("default")
+    return tpl if isinstance(tpl, str) and tpl.strip() else None
+
+
+def resolve_template(setting: str, tokenizer: Any, origin: str | None = None) -> ChatTemplate:
+    """``auto``: the checkpoint's template when it has one, else ChatML; ``checkpoint`` insists on it."""
+    where = origin or str(getattr(tokenizer, "name_or_path", "") or "the tokenizer")
+    if setting == "chatml":
+        return ChatTemplate("chatml", None)
+    if setting in ("auto", "checkpoint"):
+        # Qwen-1 checkpoints ship no template (QWenTokenizer's built-in one is only a ChatML convenience for
+        # apply_chat_template): they train on the reference ChatML path, bit-identical to finetune.py.
+        tpl = None if isinstance(tokenizer, QWenTokenizer) else _tokenizer_template(tokenizer)
+        if tpl is None:
+            if setting == "checkpoint":
+                raise ChatTemplateError(f"data.template: checkpoint: {where} has no chat_template (neither in "
+                                        "tokenizer_config.json nor chat_template.jinja); use `chatml` or a .jinja file")
+            return ChatTemplate("chatml", None)
+        return ChatTemplate("checkpoint", tpl, where)
+    path = Path(setting).expanduser()
+    if not path.is_file():
+        raise ChatTemplateError(f"data.template: {setting!r} is neither auto|chatml|checkpoint nor an existing "
+                                ".jinja file")
+    return ChatTemplate("file", path.read_text(encoding="utf-8"), str(path))
+
+
+def resolve_mask(mask: str, template: ChatTemplate) -> str:
+    if mask == "auto":
+        return "reference" if template.text is None else "assistant_only"
+    if mask == "reference" and template.text is not None:
+        raise ChatTemplateError("data.mask: reference is Qwen-1's ChatML label layout; with a chat template use "
+                                "assistant_only (or auto), or set data.template: chatml")
+    return mask
+
+
+def make_encoder(tokenizer: Any, max_len: int, *, template: str = "auto", mask: str = "auto",
+                 system_prompt: str | None = None, truncation: TruncationMode = "cut",
+                 template_kwargs: dict[str, Any] | None = None, origin: str | None = None) -> Any:
+    """The encoder a recipe's data settings ask for: a :class:`TemplateEncoder` or the reference ChatML one."""
+    choice = resolve_template(template, tokenizer, origin)
+    mode = resolve_mask(mask, choice)
+    if choice.text is None:
+        return ChatMLEncoder(tokenizer, max_len, mode, DEFAULT_SYSTEM if system_prompt is None else system_prompt,
+                             truncation)  # type: ignore[arg-type]
+    return TemplateEncoder(tokenizer, choice, max_len, system_prompt, truncation, template_kwargs)
+
+
+def _tool_name(tool: Any) -> str:
+    fn = tool.get("function", tool) if isinstance(tool, dict) else {}
+    return str(fn.get("name", "")) if isinstance(fn, dict) else ""
+
+
+def _mark(obj: Any, pattern: re.Pattern) -> Any:
+    if isinstance(obj, str):
+        return pattern.sub(lambda m: _MARK_START + m.group(0) + _MARK_END, obj)
+    if isinstance(obj, dict):
+        return {k: _mark(v, pattern) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_mark(v, pattern) for v in obj]
+    return obj
+
+
+@dataclass
+class _Rendered:
+    text: str  # the rendered conversation, markers removed
+    runs: list[tuple[int, str]]  # (start in text, text run) between template control tokens
+    specials: list[tuple[int, int, int]]  # (start, end, id) of template-emitted special tokens
+    items: list[tuple[str, int]]  # in order: ("run", index into runs) or ("special", index into specials)
+
+
+class TemplateEncoder:
+    """Conversations -> (input_ids, labels) through a jinja chat template; same interface as ChatMLEncoder."""
+
+    mask = "assistant_only"
+
+    def __init__(self, tokenizer: Any, template: ChatTemplate, max_len: int, system_prompt: str | None = None,
+                 truncation: TruncationMode = "cut", template_kwargs: dict[str, Any] | None = None) -> None:
+        if template.text is None:
+            raise ValueError("TemplateEncoder needs a jinja template; use ChatMLEncoder for Qwen-1's ChatML")
+        if truncation not in ("cut", "drop"):
+            raise ValueError(f"unknown truncation mode {truncation!r}: use 'cut' or 'drop'")
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise ChatTemplateError("a chat template needs a fast tokenizer (tokenizer.json); Qwen-1's tiktoken "
+                                    "tokenizer trains with data.template: chatml")
+        self.tokenizer, self.template, self.max_len = tokenizer, template, max_len
+        self.system_prompt, self.truncation = system_prompt, truncation
+        self.template_kwargs = dict(template_kwargs or {})
+        self.name, self.template_id = template.name, template.sha256
+        self._backend = backend
+        specials = sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special and t.content},
+                          key=len, reverse=True)
+        alt = "|".join(map(re.escape, specials)) or "(?!)"
+        self._special_re = re.compile(alt)
+        # A marked special (data: plain text), a stray marker (a template string method split a pair), or a
+        # bare special (the template's own control token).
+        self._split_re = re.compile(f"{_MARK_START}({alt}){_MARK_END}|[{_MARK_START}{_MARK_END}]|({alt})")
+        self._special_ids = {s: tokenizer.convert_tokens_to_ids(s) for s in specials}
+        self.im_start, self.im_end = self._special_ids.get(IM_START), self._special_ids.get(IM_END)
+        if self.im_start is None or self.im_end is None:
+            raise ChatTemplateError("the tokenizer has no <|im_start|>/<|im_end|> special tokens: Qwen chat templates "
+                                    "frame turns with them")
+
+    # ------------------------------------------------------------------ rendering
+
+    def _render(self, messages: list[dict], tools: list | None, add_generation_prompt: bool) -> str:
+        kwargs = {**self.tokenizer.special_tokens_map, **self.template_kwargs}  # as apply_chat_template does
+        rendered, _ = render_jinja_template(conversations=[messages], tools=tools, chat_template=self.template.text,
+                                            add_generation_prompt=add_generation_prompt, **kwargs)
+        return rendered[0]
+
+    def render_training(self, messages: list[dict], tools: list | None) -> tuple[str, bool]:
+        """The marked rendering of a whole conversation, and the add_generation_prompt it was rendered with.
+
+        Qwen1.5's template leaves the last message open unless add_generation_prompt is set (then it closes
+        it with ``<|im_end|>\\n`` and, the last message being the assistant's, opens nothing). A model must
+        learn to stop, so such a render is taken with add_generation_prompt when that only closes the turn.
+        """
+        marked = _mark(messages, self._special_re), _mark(tools, self._special_re) if tools else None
+        text = self._render(marked[0], marked[1], False)
+        if text.rstrip("\n").endswith(IM_END):
+            return text, False
+        closed = self._render(marked[0], marked[1], True)
+        if closed.startswith(text) and IM_START not in closed[len(text):] and IM_END in closed[len(text):]:
+            return closed, True
+        return text, False
+
+    def _segment(self, marked: str) -> _Rendered:
+        parts: list[str] = []
+        bounds: list[tuple[int, int]] = []
+        specials: list[tuple[int, int, int]] = []
+        items: list[tuple[str, int]] = []
+        pos = last = run_start = 0
+        for m in self._split_re.finditer(marked):
+            parts.append(marked[last:m.start()])
+            pos += m.start() - last
+            last = m.end()
+            if m.group(1) is not None:  # typed in data: stays in the text run, as plain text
+                parts.append(m.group(1))
+                pos += len(m.group(1))
+            elif m.group(2) is not None:  # the template's own control token ends the run
+                if pos > run_start:
+                    bounds.append((run_start, pos))
+                    items.append(("run", len(bounds) - 1))
+                specials.append((pos, pos + len(m.group(2)), self._special_ids[m.group(2)]))
+                items.append(("special", len(specials) - 1))
+                parts.append(m.group(2))
+                pos += len(m.group(2))
+                run_start = pos
+        parts.append(marked[last:])
+        pos += len(marked) - last
+        if pos > run_start:
+            bounds.append((run_start, pos))
+            items.append(("run", len(bounds) - 1))
+        text = "".join(parts)
+        return _Rendered(text, [(s, text[s:e]) for s, e in bounds], specials, items)
+
+    # ------------------------------------------------------------------ encoding
+
+    def _encode_runs(self, texts: list[str]) -> list[Any]:
+        if not texts:
+            return []
+        saved = self._backend.encode_special_tokens
+        self._backend.encode_special_tokens = True  # special tokens inside a run are data: plain text
+        try:
+            return self._backend.encode_batch(texts, add_special_tokens=False)
+        finally:
+            self._backend.encode_special_tokens = saved
+
+    def _tokens(self, r: _Rendered, encodings: list[Any],
+                spans: list[tuple[int, int]] = ()) -> tuple[list[int], list[int]]:
+        """Ids of the rendering and their labels: a token is labelled when it overlaps an assistant span.
+
+        Most runs lie wholly inside or outside every span and are labelled in bulk; only a run a span
+        boundary cuts (``assistant\n`` + content, the ``\n`` after ``<|im_end|>``) is walked by offsets.
+        """
+        ids: list[int] = []
+        labels: list[int] = []
+        for kind, idx in r.items:
+            if kind == "special":
+                start, _, tid = r.specials[idx]
+                ids.append(tid)
+                labels.append(tid if any(a <= start < b for a, b in spans) else IGNORE_INDEX)
+                continue
+            base, text = r.runs[idx]
+            enc = encodings[idx]
+            ids.extend(enc.ids)
+            end = base + len(text)
+            cut = [(a, b) for a, b in spans if a < end and b > base]
+            if not cut:
+                labels.extend([IGNORE_INDEX] * len(enc.ids))
+            elif any(a <= base and b >= end for a, b in cut):
+                labels.extend(enc.ids)
+            else:
+                # Walk tokens only up to the last boundary in the run; past it, all lie on one side.
+                last = max(x for a, b in cut for x in (a, b) if base < x < end)
+                tail = enc.ids if any(a <= end - 1 < b for a, b in cut) else None
+                offsets = enc.offsets
+                for k, t in enumerate(enc.ids):
+                    s, e = offsets[k]
+                    if base + s >= last:
+                        labels.extend(tail[k:] if tail is not None else [IGNORE_INDEX] * (len(enc.ids) - k))
+                        break
+                    labels.append(t if any(base + s < b and base + e > a for a, b in cut) else IGNORE_INDEX)
+        return ids, labels
+
+    def _assistant_spans(self, r: _Rendered) -> list[tuple[int, int]]:
+        spans = []
+        text = r.text
+        header = "assistant\n"
+        end_positions = [s for s, _, tid in r.specials if tid == self.im_end]
+        for s, e, tid in r.specials:
+            if tid != self.im_start or not text.startswith(header, e):
+                continue
+            body = e + len(header)
+            close = next((x for x in end_positions if x >= body), None)
+            if close is None:
+                end = len(text)
+            else:
+                end = close + len(IM_END) + (text.startswith("\n", close + len(IM_END)))
+            spans.append((body, end))
+        return spans
+
+    def encode(self, convs: Sequence[Conversation]) -> list[EncodedSample]:
+        rendered: list[_Rendered | None] = []
+        errors: dict[int, str] = {}
+        for k, c in enumerate(convs):
+            try:
+                text, _ = self.render_training(c.messages(self.system_prompt), c.tools)
+                rendered.append(self._segment(text))
+            except Exception as e:  # noqa: BLE001 - a template's raise_exception / TypeError: one bad record
+                errors[k] = f"{type(e).__name__}: {e}"
+                rendered.append(None)
+        flat = [run for r in rendered if r is not None for _, run in r.runs]
+        encodings = iter(self._encode_runs(flat))
+        out = []
+        for k, (c, r) in enumerate(zip(convs, rendered)):
+            if r is None:
+                log.warning("id=%r: the chat template cannot render it: %s", c.id, errors[k])
+                out.append(EncodedSample(c.id, [], [], drop_reason="template_error"))
+                continue
+            out.append(self._sample(c, r, [next(encodings) for _ in r.runs]))
+        return out
+
+    def _sample(self, c: Conversation, r: _Rendered, encodings: list[Any]) -> EncodedSample:
+        spans = self._assistant_spans(r)
+        ids, labels = self._tokens(r, encodings, spans)
+        n_assistant = sum(role == "assistant" for role, _ in c.turns)
+        if len(spans) != n_assistant:
+            log.warning("id=%r: the template rendered %d assistant turns for %d assistant messages", c.id,
+                        len(spans), n_assistant)
+            return EncodedSample(c.id, ids, [IGNORE_INDEX] * len(ids), drop_reason="template_mismatch")
+        lost_calls = self._dropped_tool_calls(c, r, spans)
+        if lost_calls:
+            # An assistant turn whose only content is a call the template cannot show would train an empty turn.
+            return EncodedSample(c.id, ids, [IGNORE_INDEX] * len(ids), drop_reason="template_drops_tool_calls")
+        notes = self._dropped_reasoning(c, r, spans)
+        if c.tools and not any(_tool_name(t) in r.text for t in c.tools):
+            notes.append("tools_not_rendered")
+        sample = EncodedSample(c.id, ids, labels, notes=notes)
+        if len(ids) > self.max_len:
+            if self.truncation == "drop":
+                sample.drop_reason = "too_long"
+                return sample
+            sample.input_ids, sample.labels, sample.truncated = ids[: self.max_len], labels[: self.max_len], True
+        # Label position 0 is never used by the shifted loss.
+        if not any(t != IGNORE_INDEX for t in sample.labels[1:]):
+            sample.drop_reason = "no_assistant_label_after_truncation" if sample.truncated else "no_trainable_label"
+        return sample
+
+    @staticmethod
+    def _dropped_reasoning(c: Conversation, r: _Rendered, spans: list[tuple[int, int]]) -> list[str]:
+        """One note per assistant message whose reasoning the template did not render (earlier turns)."""
+        notes = []
+        k = 0
+        for (role, _), extra in zip(c.turns, c.extras or [{}] * len(c.turns)):
+            if role != "assistant":
+                continue
+            reasoning = (extra.get("reasoning_content") or "").strip()
+            if reasoning and reasoning not in r.text[spans[k][0]:spans[k][1]]:
+                notes.append("reasoning_dropped_by_template")
+            k += 1
+        return notes
+
+    @staticmethod
+    def _dropped_tool_calls(c: Conversation, r: _Rendered, spans: list[tuple[int, int]]) -> int:
+        lost = k = 0
+        for (role, _), extra in zip(c.turns, c.extras or [{}] * len(c.turns)):
+            if role != "assistant":
+                continue
+            body = r.text[spans[k][0]:spans[k][1]]
+            lost += sum(call["function"]["name"] not in body for call in extra.get("tool_calls") or [])
+            k += 1
+        return lost
+
+    def encode_prompt(self, messages: list[dict], tools: list | None = None) -> list[int]:
+        """Ids of a conversation so far plus the template's generation prompt (what `qwen-tune chat` feeds)."""
+        marked = self._render(_mark(messages, self._special_re), _mark(tools, self._special_re) if tools else None,
+                              True)
+        r = self._segment(marked)
+        return self._tokens(r, self._encode_runs([run for _, run in r.runs]))[0]
