@@ -285,6 +285,7 @@ def test_nan_guard_stops_a_dpo_step(base, tmp_path):
     with torch.no_grad():
         next(p for n, p in trainer.model.named_parameters() if "lora_A" in n).fill_(float("nan"))
     batch = trainer.data_collator([trainer.train_dataset[i] for i in (0, 1)])
+    trainer.current_gradient_accumulation_steps = 1  # set by train(); this calls one step directly
     with pytest.raises(NonFiniteLossError, match="before the optimizer step"):
         trainer.training_step(trainer.model, batch)
 
