@@ -161,7 +161,11 @@ def main() -> None:
     md = (f"# DPO step: qwen-tune vs TRL's DPOTrainer\n\nMachine: {machine_line(info)}\n\n"
           f"Random-weight Qwen2, hidden {a.hidden}, 2 layers, vocab 151,936; LoRA r=16 on all linears, reference = "
           f"adapter-disabled base; 2 pairs per step, replies of {a.reply_len} words, max_len {a.max_len}; "
-          f"{a.steps} timed steps after 1 warm-up; one process per trainer.\n\n{md_table}\n")
+          f"{a.steps} timed steps after 1 warm-up; one process per trainer.\n\n{md_table}\n\n"
+          "Same losses = same model, data and loss. Without CUDA, TRL's fused head runs its torch fallback over every "
+          "position (prompt and padding included) and recomputes the logits in backward; on a GPU it runs Triton "
+          "kernels over completion positions only, so the ratio there will be smaller. The timings share a loaded "
+          "2-core machine: expect large run-to-run noise.\n")
     write_results("dpo", {"machine": info, "args": vars(a), "results": results}, md)
     print(md)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import EXAMPLES
+from conftest import EXAMPLES, run_cli
 from qwen_tune.config import ConfigError, DataConfig, load_recipe
 from qwen_tune.data.formats import Conversation, DataError
 from qwen_tune.data.pairs import prepare_pairs
@@ -239,6 +239,9 @@ def test_dpo_lora_training_raises_the_margin(base, tmp_path, tokenizer):
     rows = prepare_pairs(DataConfig(path=str(PAIRS), max_len=96), tokenizer).train
     margins = _pair_margins(out, base, rows)
     assert margins.mean() > 0.1 and (margins > 0).float().mean() >= 0.8, margins
+    # The result is an ordinary adapter: merge-adapter (which checks merged logits == adapter logits) takes it.
+    assert run_cli("merge-adapter", "--adapter", str(out), "--out", str(tmp_path / "merged")) == 0
+    assert (tmp_path / "merged" / "config.json").exists()
 
 
 def test_dpo_resume_reproduces_losses(base, tmp_path):
@@ -282,6 +285,7 @@ def test_nan_guard_stops_a_dpo_step(base, tmp_path):
     with torch.no_grad():
         next(p for n, p in trainer.model.named_parameters() if "lora_A" in n).fill_(float("nan"))
     batch = trainer.data_collator([trainer.train_dataset[i] for i in (0, 1)])
+    trainer.current_gradient_accumulation_steps = 1  # set by train(); this calls one step directly
     with pytest.raises(NonFiniteLossError, match="before the optimizer step"):
         trainer.training_step(trainer.model, batch)
 
