@@ -21,6 +21,7 @@ from ..data.dataset import prepare_data
 from ..models.loading import build_from_config, load_model, resolve_precision
 from .distributed import (check_combination, fsdp_arguments, init_distributed_for_cpu, quiet_non_main_ranks,
                           zero3_init_disabled)
+from .devices import check_visible_devices
 from .methods import apply_method, count_parameters
 from .quant import prepare_loaded_model, quantization_kwargs, resolve_quantized_precision
 from .trainer import QwenTrainer, latest_complete_checkpoint
@@ -110,6 +111,7 @@ def run_training(recipe: Recipe, callbacks: list[Any] | None = None) -> RunResul
     out = Path(recipe.output.dir)
     resume = _check_output_dir(out, recipe)
     check_combination(recipe)
+    check_visible_devices(_use_cpu(recipe))
     if recipe.fsdp and _use_cpu(recipe):
         log.warning("fsdp: FSDP needs GPUs; on CPU the Trainer silently trains with plain DDP (no sharding)")
     resolve_quantized_precision(recipe, _use_cpu(recipe))  # GPTQ: bf16 refused, auto -> fp16 (GPU) / fp32 (CPU)
