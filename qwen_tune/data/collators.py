@@ -9,12 +9,15 @@ one sample would be trained to predict the first token of the next.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
 from .template import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -79,7 +82,12 @@ def packed_sample_index(position_ids: torch.Tensor) -> torch.Tensor:
 
 
 def make_collator(packing: bool, pad_id: int, pad_to_multiple_of: int | None = None,
-                  attn_implementation: str = "sdpa") -> PaddingCollator | PackingCollator:
+                  attn_implementation: str = "sdpa", packing_exact: bool = True) -> PaddingCollator | PackingCollator:
+    """`packing_exact`: the model keeps packed samples apart (`models.families.packing_is_exact`)."""
+    if packing and not packing_exact:
+        log.info("data.packing: this model's linear-attention (Gated DeltaNet) layers would carry state across "
+                 "packed samples, so batches are padded per sample instead")
+        packing = False
     if packing:
         return PackingCollator(flash_attn_kwargs=attn_implementation == "flash_attention_2")
     return PaddingCollator(pad_id, pad_to_multiple_of)

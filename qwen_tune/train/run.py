@@ -18,6 +18,7 @@ from transformers import TrainingArguments, set_seed
 from ..config import ConfigError, Recipe
 from ..data.collators import make_collator
 from ..data.dataset import prepare_data
+from ..models.families import packing_is_exact
 from ..models.loading import build_from_config, load_model, resolve_precision
 from .distributed import (check_combination, fsdp_arguments, init_distributed_for_cpu, quiet_non_main_ranks,
                           zero3_init_disabled)
@@ -151,7 +152,7 @@ def run_training(recipe: Recipe, callbacks: list[Any] | None = None) -> RunResul
     log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
 
     collator = make_collator(recipe.data.packing, loaded.tokenizer.pad_token_id, recipe.data.pad_to_multiple_of,
-                             recipe.model.attn_implementation)
+                             recipe.model.attn_implementation, packing_exact=packing_is_exact(loaded.model.config))
     trainer = QwenTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                           data_collator=collator, processing_class=loaded.tokenizer, callbacks=callbacks,
                           loss_mode=recipe.training.loss, loss_chunk_size=recipe.training.loss_chunk_size)
