@@ -34,9 +34,12 @@ SMALL = {"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 32, "interm
          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
          "tie_word_embeddings": False, "qwen_tune_is_chat": True}
 # The tiny recipe, fully deterministic and small: full fine-tuning at a high lr so 2 steps move every weight.
-COMMON = ["method=full", f"training.max_steps={STEPS}", "training.batch_size=1", "training.warmup_ratio=0",
-          "training.weight_decay=0", "data.max_len=256", "output.report_to=[]", "output.logging_steps=1",
-          "output.save_steps=100"]
+# A small loss chunk: every micro-batch has several chunks, so a trainable head (full fine-tuning, LoRA on lm_head)
+# is used chunk by chunk; under ZeRO-3 it must still receive one gradient per backward.
+LOSS_CHUNK = 16
+COMMON = ["method=full", f"training.loss_chunk_size={LOSS_CHUNK}", f"training.max_steps={STEPS}",
+          "training.batch_size=1", "training.warmup_ratio=0", "training.weight_decay=0", "data.max_len=256",
+          "output.report_to=[]", "output.logging_steps=1", "output.save_steps=100"]
 LOSS_RTOL = 1e-4  # observed: identical to ~1e-6; summation order differs between 1 and 2 processes
 WEIGHT_ATOL = 1e-3  # observed max |diff| ~1e-4 while 2 Adam steps at lr 5e-3 move each weight by ~1e-2
 
@@ -227,7 +230,8 @@ def test_zero2_lora_through_launcher_script(small, tmp_path):
 @pytest.mark.slow
 def test_zero3_lora_adapter_gathered(small, tmp_path):
     out = tmp_path / "z3_lora"
-    _run(_torchrun("--recipe", "tiny", *[o for o in COMMON if o != "method=full"], "lora.target_modules=auto",
+    # The tiny recipe's targets include lm_head: a trainable head under ZeRO-3, used in several loss chunks.
+    _run(_torchrun("--recipe", "tiny", *[o for o in COMMON if o != "method=full"],
                    f"model.path={small['base']}", "model.from_config=", f"deepspeed={_ds_config(tmp_path, 'zero3')}",
                    f"output.dir={out}"), tmp_path / "z3_lora.log")
     engine = _summary(out)["engine"]
@@ -235,6 +239,7 @@ def test_zero3_lora_adapter_gathered(small, tmp_path):
     adapter = load_file(out / "adapter_model.safetensors")  # gathered from the ZeRO-3 partitions on save
     assert adapter and all(v.numel() > 0 for v in adapter.values())
     assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in adapter.items()), "LoRA did not train"
+    assert any("lm_head" in k and k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in adapter.items())
 
 
 def test_fsdp_recipe_key_reaches_accelerate(tmp_path):
