@@ -24,6 +24,7 @@ from .distributed import (check_combination, fsdp_arguments, init_distributed_fo
                           zero3_init_disabled)
 from .devices import check_visible_devices
 from .methods import apply_method, count_parameters
+from .precision import autocast_master_weights, load_dtype, upcast_trainable
 from .quant import prepare_loaded_model, quantization_kwargs, resolve_quantized_precision
 from .trainer import QwenTrainer, latest_complete_checkpoint
 
@@ -131,7 +132,8 @@ def run_training(recipe: Recipe, callbacks: list[Any] | None = None) -> RunResul
         with args.main_process_first(desc="building the base model"), zero3_init_disabled():
             base = str(build_from_config(recipe.model.from_config, out / "base_model", recipe.model.seed))
     precision = resolve_precision(recipe.training.precision, _use_cpu(recipe))
-    dtype = recipe.model.dtype if recipe.model.dtype != "auto" else precision
+    master_fp32 = autocast_master_weights(precision, recipe.deepspeed, _use_cpu(recipe))
+    dtype = load_dtype(recipe.method, recipe.model.dtype, precision, master_fp32)
     loaded = load_model(base, dtype=dtype, attn_implementation=recipe.model.attn_implementation,
                         tokenizer_path=recipe.model.tokenizer, is_chat=recipe.model.is_chat,
                         **quantization_kwargs(recipe, base))
@@ -148,6 +150,7 @@ def run_training(recipe: Recipe, callbacks: list[Any] | None = None) -> RunResul
         (out / "data_report.json").write_text(json.dumps([r.to_dict() for r in data.reports], indent=2))
 
     model = apply_method(loaded.model, recipe, loaded.family, loaded.is_chat)
+    upcast_trainable(model, master_fp32)
     trainable, total = count_parameters(model)
     log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
 
