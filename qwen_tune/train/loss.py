@@ -43,6 +43,7 @@ An optional fused path uses liger-kernel's ``LigerFusedLinearCrossEntropyLoss``
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import warnings
 from typing import Any, Iterator
@@ -111,6 +112,7 @@ def _chunk_ce_sum(lm_head: nn.Module, rows: torch.Tensor, targets: torch.Tensor)
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
+@functools.lru_cache(maxsize=1)
 def _liger_installed() -> bool:
     try:
         import liger_kernel  # noqa: F401
