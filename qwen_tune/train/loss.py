@@ -30,7 +30,8 @@ checkpoint and recomputed during backward:
 
 A *trainable* ZeRO-3 head (full fine-tuning, LoRA on lm_head) must get one
 gradient per backward (DeepSpeed reduces it from a hook on its accumulation),
-not one per chunk: ``_Zero3HeadCE`` gathers it once and accumulates the sum.
+not one per chunk: ``_Zero3HeadCE`` gathers it once and accumulates the sum
+(for a head tied to the input embedding, into the embedding's accumulation).
 
 The LM head is always *called as a module* (``lm_head(x)``) so that wrappers
 and hooks keep working: peft ``ModulesToSaveWrapper``, LoRA on ``lm_head``,
@@ -262,6 +263,26 @@ def _gathered_hook_free(lm_head: nn.Module) -> Iterator[None]:
                     setattr(m, n, h)
 
 
+# One-shot gradient hooks of tied head weights; a hook cannot remove itself while it runs, so fired ones are
+# removed at the next backward.
+_TIED_HOOKS: list[tuple[Any, list[bool]]] = []
+
+
+def _accumulates_later(p: torch.Tensor) -> bool:
+    """Whether the running backward will still accumulate a gradient into ``p`` (a head tied to the embedding)."""
+    will_run = getattr(torch._C, "_will_engine_execute_node", None)
+    if will_run is None or torch._C._current_graph_task_id() == -1:
+        return False
+    return bool(will_run(p.view_as(p).grad_fn.next_functions[0][0]))  # p's AccumulateGrad node
+
+
+def _add_once(extra: torch.Tensor, fired: list[bool], grad: torch.Tensor) -> torch.Tensor:
+    if fired:
+        return grad
+    fired.append(True)
+    return grad + extra.to(grad.dtype)
+
+
 class _Zero3HeadCE(torch.autograd.Function):
     """Summed chunked cross entropy for a *trainable* ZeRO-3 partitioned head: one head gradient per backward.
 
@@ -290,6 +311,9 @@ class _Zero3HeadCE(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         rows, targets = ctx.saved_tensors
         lm_head, chunk_size, params = ctx.lm_head, ctx.chunk_size, ctx.params
+        for handle, fired in [h for h in _TIED_HOOKS if h[1]]:
+            handle.remove()
+            _TIED_HOOKS.remove((handle, fired))
         need_rows = ctx.needs_input_grad[0]
         grad_rows = torch.zeros_like(rows) if need_rows else None
         with _gathered_hook_free(lm_head), torch.enable_grad():
@@ -310,9 +334,20 @@ class _Zero3HeadCE(torch.autograd.Function):
                     if gp is not None:
                         acc += gp
                 del logits, g
+            own, own_grads = [], []
+            for p, gp in zip(params, grad_params):
+                if _accumulates_later(p):
+                    # Tied to the input embedding, whose backward accumulates into it later in this backward:
+                    # add the head's share there, so the parameter still accumulates (and is reduced) once.
+                    fired: list[bool] = []
+                    _TIED_HOOKS.append((p.register_hook(functools.partial(_add_once, gp, fired)), fired))
+                else:
+                    own.append(p)
+                    own_grads.append(gp)
             # A nested backward through a view reaches each parameter's own accumulation node (and DeepSpeed's
             # hook on it) exactly once, while the parameter is gathered.
-            torch.autograd.backward([p.view_as(p) for p in params], grad_params)
+            if own:
+                torch.autograd.backward([p.view_as(p) for p in own], own_grads)
         return grad_rows, None, None, None, None, None
 
 
