@@ -34,9 +34,12 @@ SMALL = {"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 32, "interm
          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 1024,
          "tie_word_embeddings": False, "qwen_tune_is_chat": True}
 # The tiny recipe, fully deterministic and small: full fine-tuning at a high lr so 2 steps move every weight.
-COMMON = ["method=full", f"training.max_steps={STEPS}", "training.batch_size=1", "training.warmup_ratio=0",
-          "training.weight_decay=0", "data.max_len=256", "output.report_to=[]", "output.logging_steps=1",
-          "output.save_steps=100"]
+# A small loss chunk: every micro-batch has several chunks, so a trainable head (full fine-tuning, LoRA on lm_head)
+# is used chunk by chunk; under ZeRO-3 it must still receive one gradient per backward.
+LOSS_CHUNK = 16
+COMMON = ["method=full", f"training.loss_chunk_size={LOSS_CHUNK}", f"training.max_steps={STEPS}",
+          "training.batch_size=1", "training.warmup_ratio=0", "training.weight_decay=0", "data.max_len=256",
+          "output.report_to=[]", "output.logging_steps=1", "output.save_steps=100"]
 LOSS_RTOL = 1e-4  # observed: identical to ~1e-6; summation order differs between 1 and 2 processes
 WEIGHT_ATOL = 1e-3  # observed max |diff| ~1e-4 while 2 Adam steps at lr 5e-3 move each weight by ~1e-2
 
@@ -165,6 +168,30 @@ def test_zero3_full_matches_single_process_and_saves_consolidated(small, referen
 
 
 @pytest.mark.slow
+def test_zero3_full_tied_head_matches_single_process(small, tmp_path):
+    """lm_head tied to the embedding (Qwen2.5 0.5B-3B): the head's gradient joins the embedding's, reduced once.
+
+    Before: 1.5e-2 away from the single-process weights (training moved them 7.5e-3), with or without chunks.
+    """
+    from qwen_tune.models.loading import build_from_config
+    from qwen_tune.train.run import run_training
+
+    config = tmp_path / "tied.json"
+    config.write_text(json.dumps({**SMALL, "tie_word_embeddings": True}))
+    base = build_from_config(config, tmp_path / "base", seed=0)
+    ref, out = tmp_path / "single", tmp_path / "z3"
+    run_training(load_recipe("tiny", [*COMMON, f"model.path={base}", "model.from_config=", "training.grad_accum=2",
+                                      f"output.dir={ref}"]))
+    _run(_torchrun("--recipe", "tiny", *COMMON, f"model.path={base}", "model.from_config=",
+                   f"deepspeed={_ds_config(tmp_path, 'zero3')}", f"output.dir={out}"), tmp_path / "z3.log")
+    assert _summary(out)["engine"]["deepspeed_zero_stage"] == 3
+    assert _losses(out) == pytest.approx(_losses(ref), rel=LOSS_RTOL)
+    got = load_file(out / "model.safetensors")
+    got.pop("lm_head.weight", None)  # the same tensor as the embedding
+    _assert_weights_close(got, load_file(ref / "model.safetensors"), load_file(base / "model.safetensors"))
+
+
+@pytest.mark.slow
 def test_zero2_full_kill_and_resume(small, reference, tmp_path):
     out = tmp_path / "z2"
     cmd = _torchrun("--recipe", "tiny", *COMMON, f"model.path={small['base']}", "model.from_config=",
@@ -227,7 +254,8 @@ def test_zero2_lora_through_launcher_script(small, tmp_path):
 @pytest.mark.slow
 def test_zero3_lora_adapter_gathered(small, tmp_path):
     out = tmp_path / "z3_lora"
-    _run(_torchrun("--recipe", "tiny", *[o for o in COMMON if o != "method=full"], "lora.target_modules=auto",
+    # The tiny recipe's targets include lm_head: a trainable head under ZeRO-3, used in several loss chunks.
+    _run(_torchrun("--recipe", "tiny", *[o for o in COMMON if o != "method=full"],
                    f"model.path={small['base']}", "model.from_config=", f"deepspeed={_ds_config(tmp_path, 'zero3')}",
                    f"output.dir={out}"), tmp_path / "z3_lora.log")
     engine = _summary(out)["engine"]
@@ -235,6 +263,7 @@ def test_zero3_lora_adapter_gathered(small, tmp_path):
     adapter = load_file(out / "adapter_model.safetensors")  # gathered from the ZeRO-3 partitions on save
     assert adapter and all(v.numel() > 0 for v in adapter.values())
     assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in adapter.items()), "LoRA did not train"
+    assert any("lm_head" in k and k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in adapter.items())
 
 
 def test_fsdp_recipe_key_reaches_accelerate(tmp_path):

@@ -131,7 +131,7 @@ def test_chunked_token_logprobs_equal_plain(train_head):
 # ---------------------------------------------------------------- trainer vs TRL
 
 def _trainer(recipe):
-    from qwen_tune.models.loading import load_model
+    from qwen_tune.train.loading import load_model
     from qwen_tune.train.methods import apply_method
     from qwen_tune.train.preference import REFERENCE_FREE, QwenDPOTrainer, dpo_config
 

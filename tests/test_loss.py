@@ -283,3 +283,33 @@ def test_peft_wrapped_lm_head(mode, recompute):
         assert not any("base_layer" in k for k in head_grads)
     else:
         assert head_grads and all("modules_to_save" in k for k in head_grads)
+
+
+def _path(**kw):
+    from qwen_tune.train.loss import select_loss_path
+
+    base = dict(device_type="cuda", fp16_logits=False, zero3=False, head_trainable=False, plain_head=True,
+                liger_installed=True, use_liger=None, recompute=None, grad_enabled=True)
+    return select_loss_path(**(base | kw))
+
+
+def test_loss_path_selection():
+    # GPTQ Q-LoRA on GPU: fp16 logits, a frozen plain head, liger installed -> never liger's gradient-in-forward.
+    assert _path(fp16_logits=True) == ("recompute", None)
+    assert _path(fp16_logits=True, use_liger=True) == (
+        "recompute", "fp16 logits underflow in a gradient taken before the loss scale")
+    assert _path() == ("liger", None)
+    assert _path(head_trainable=True) == ("liger", None)
+    assert _path(liger_installed=False) == ("grads_in_forward", None)
+    assert _path(device_type="cpu") == ("grads_in_forward", None)
+    assert _path(device_type="cpu", use_liger=True)[1] == "liger-kernel needs CUDA tensors"
+    assert _path(plain_head=False) == ("grads_in_forward", None)
+    assert _path(use_liger=False) == ("grads_in_forward", None)
+    assert _path(grad_enabled=False, liger_installed=False) == ("recompute", None)
+    # ZeRO-3: a frozen head recomputes its chunks; a trainable one takes the single-gradient path.
+    assert _path(zero3=True) == ("recompute", None)
+    assert _path(zero3=True, head_trainable=True) == ("zero3_head", None)
+    assert _path(zero3=True, head_trainable=True, grad_enabled=False) == ("recompute", None)
+    assert _path(zero3=True, head_trainable=True, fp16_logits=True) == ("zero3_head", None)
+    with pytest.raises(ValueError, match="impossible"):
+        _path(zero3=True, recompute=False)

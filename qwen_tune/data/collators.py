@@ -9,6 +9,7 @@ one sample would be trained to predict the first token of the next.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -16,6 +17,8 @@ import torch
 
 from ..constants import IGNORE_INDEX
 from ..models.packing import packed_sample_index  # noqa: F401 - re-exported: the layout PackingCollator writes
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -74,7 +77,12 @@ class PackingCollator:
 
 
 def make_collator(packing: bool, pad_id: int, pad_to_multiple_of: int | None = None,
-                  attn_implementation: str = "sdpa") -> PaddingCollator | PackingCollator:
+                  attn_implementation: str = "sdpa", packing_exact: bool = True) -> PaddingCollator | PackingCollator:
+    """`packing_exact`: the model keeps packed samples apart (`models.families.packing_is_exact`)."""
+    if packing and not packing_exact:
+        log.info("data.packing: this model's linear-attention (Gated DeltaNet) layers would carry state across "
+                 "packed samples, so batches are padded per sample instead")
+        packing = False
     if packing:
         return PackingCollator(flash_attn_kwargs=attn_implementation == "flash_attention_2")
     return PaddingCollator(pad_id, pad_to_multiple_of)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..config import read_json_object
 
@@ -54,3 +55,19 @@ def get_family(model_type: str) -> Family:
         return Family(model_type, _QWEN2_LINEARS, "embed_tokens")
     raise ValueError(f"model_type {model_type!r} is not a Qwen family supported by qwen-tune "
                      f"(known: {', '.join(FAMILIES)})")
+
+
+# Gated DeltaNet layers (Qwen3-Next, Qwen3.5) carry a causal-conv window and a recurrent state along the row.
+# transformers' torch implementations of both ignore sample boundaries (cu_seqlens / seq_idx are dropped), so
+# in a packed row each sample would start from the previous one's state: only the attention layers see the
+# block mask.
+_RECURRENT_LAYER_TYPES = {"linear_attention"}
+_RECURRENT_MODEL_TYPES = {"qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_5", "qwen3_5_moe"}
+
+
+def packing_is_exact(config: Any) -> bool:
+    """Whether padding-free packing keeps the samples of a row independent for this model config."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text, "model_type", None) in _RECURRENT_MODEL_TYPES:
+        return False
+    return not set(getattr(text, "layer_types", None) or ()) & _RECURRENT_LAYER_TYPES

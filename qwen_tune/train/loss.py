@@ -20,13 +20,18 @@ than ``chunk_size`` rows of logits:
 Two cases keep the older scheme, each chunk wrapped in an activation
 checkpoint and recomputed during backward:
 
-* DeepSpeed ZeRO-3: the head's parameters are partitioned and gathered by
-  hooks around each call, so their gradients cannot be produced inside the
-  forward (the checkpoint is reentrant so recomputation re-gathers them);
+* DeepSpeed ZeRO-3 with a frozen head: its parameters are partitioned and
+  gathered by hooks around each call, so gradients cannot be produced inside
+  the forward (the checkpoint is reentrant so recomputation re-gathers them);
 * fp16 logits (GPTQ Q-LoRA on GPU): a gradient taken in the forward would be
   cast to fp16 *before* the loss scale multiplies it, and most of the
   softmax probabilities of a 151,936-token vocabulary are below fp16's normal
   range; the recomputed backward applies the scale first, like the plain loss.
+
+A *trainable* ZeRO-3 head (full fine-tuning, LoRA on lm_head) must get one
+gradient per backward (DeepSpeed reduces it from a hook on its accumulation),
+not one per chunk: ``_Zero3HeadCE`` gathers it once and accumulates the sum
+(for a head tied to the input embedding, into the embedding's accumulation).
 
 The LM head is always *called as a module* (``lm_head(x)``) so that wrappers
 and hooks keep working: peft ``ModulesToSaveWrapper``, LoRA on ``lm_head``,
@@ -38,9 +43,11 @@ An optional fused path uses liger-kernel's ``LigerFusedLinearCrossEntropyLoss``
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import warnings
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
@@ -49,7 +56,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..constants import DEFAULT_LOSS_CHUNK_SIZE, IGNORE_INDEX
 
-__all__ = ["IGNORE_INDEX", "causal_lm_loss", "estimate_logits_bytes"]
+__all__ = ["IGNORE_INDEX", "causal_lm_loss", "estimate_logits_bytes", "select_loss_path"]
 
 
 _FP32_BYTES = 4
@@ -107,29 +114,51 @@ def _chunk_ce_sum(lm_head: nn.Module, rows: torch.Tensor, targets: torch.Tensor)
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
-def _liger_usable(lm_head: nn.Module, hidden: torch.Tensor, use_liger: bool | None) -> bool:
-    if use_liger is False:
-        return False
-    if use_liger is None and not hidden.is_cuda:
-        return False
-    reason = None
+@functools.lru_cache(maxsize=1)
+def _liger_installed() -> bool:
     try:
         import liger_kernel  # noqa: F401
     except ImportError:
-        reason = "liger_kernel is not installed"
-    if reason is None:
-        if not hidden.is_cuda:
-            reason = "liger-kernel needs CUDA tensors"
-        elif type(lm_head) is not nn.Linear or lm_head.bias is not None:
-            # Wrapped heads (peft, bnb, ...) must be called as modules.
-            reason = "lm_head is not a plain bias-free nn.Linear"
-        elif lm_head._forward_hooks or lm_head._forward_pre_hooks or _zero3_partitioned(lm_head):
-            reason = "lm_head has forward hooks / ZeRO-3 partitioned weights"
-    if reason is None:
-        return True
-    if use_liger:  # explicitly requested: say why not (the warnings registry dedups repeats)
-        warnings.warn(f"causal_lm_loss: fused liger path unavailable ({reason}); using chunked path", stacklevel=3)
-    return False
+        return False
+    return True
+
+
+def select_loss_path(*, device_type: str, fp16_logits: bool, zero3: bool, head_trainable: bool, plain_head: bool,
+                     liger_installed: bool, use_liger: bool | None = None, recompute: bool | None = None,
+                     grad_enabled: bool = True) -> tuple[str, str | None]:
+    """Which loss implementation runs: ``("zero3_head" | "liger" | "recompute" | "grads_in_forward", reason)``.
+
+    ``reason`` says why liger was not taken when it was asked for (``use_liger=True``), else None.
+    ``plain_head``: the head is a bias-free, hook-free ``nn.Linear`` (liger calls its weight directly).
+    The order matters: liger takes its gradients in the forward, so everything that rules that out
+    (ZeRO-3, fp16 logits) is checked before it.
+    """
+    if recompute is False and zero3:
+        raise ValueError("recompute=False is impossible with a ZeRO-3 partitioned lm_head")
+    if zero3 and head_trainable and grad_enabled:
+        path, why = "zero3_head", "ZeRO-3 partitioned lm_head"
+    else:
+        must_recompute = recompute if recompute is not None else (zero3 or fp16_logits)
+        path = "recompute" if must_recompute or not grad_enabled else "grads_in_forward"
+        why = None
+        if use_liger is False or (use_liger is None and device_type != "cuda"):
+            why = "not requested"
+        elif not liger_installed:
+            why = "liger_kernel is not installed"
+        elif device_type != "cuda":
+            why = "liger-kernel needs CUDA tensors"
+        elif zero3:
+            why = "ZeRO-3 partitioned lm_head"
+        elif fp16_logits:
+            # Its gradient is taken in the forward and cast to fp16 before the loss scale reaches it.
+            why = "fp16 logits underflow in a gradient taken before the loss scale"
+        elif not plain_head:
+            why = "lm_head is not a plain bias-free nn.Linear without hooks"  # wrappers must be called as modules
+        elif recompute:
+            why = "recompute=True"
+        else:
+            path = "liger"
+    return path, (why if use_liger and path != "liger" else None)
 
 
 def _liger_ce_sum(lm_head: nn.Linear, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -210,6 +239,119 @@ def _recomputed_ce_sum(lm_head: nn.Module, rows: torch.Tensor, targets: torch.Te
     return loss_sum
 
 
+@contextlib.contextmanager
+def _gathered_hook_free(lm_head: nn.Module) -> Iterator[None]:
+    """The ZeRO-3 head's full weights, for several calls, with DeepSpeed's module hooks set aside.
+
+    Those hooks gather before and release after *each* call (and arm backward hooks on its output), so the
+    weights would be gone by the time a gradient is taken from a call's output; GatheredParameters holds them
+    for the whole block instead. One all-gather per block: every rank enters it the same number of times.
+    """
+    import deepspeed  # the head is ZeRO-3 partitioned, so deepspeed is installed
+
+    modules = list(lm_head.modules())
+    names = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+    saved = [{n: getattr(m, n) for n in names} for m in modules]
+    with deepspeed.zero.GatheredParameters(list(lm_head.parameters()), modifier_rank=None):
+        try:
+            for m in modules:
+                for n in names:
+                    setattr(m, n, type(getattr(m, n))())
+            yield
+        finally:
+            for m, hooks in zip(modules, saved):
+                for n, h in hooks.items():
+                    setattr(m, n, h)
+
+
+# One-shot gradient hooks of tied head weights; a hook cannot remove itself while it runs, so fired ones are
+# removed at the next backward.
+_TIED_HOOKS: list[tuple[Any, list[bool]]] = []
+
+
+def _accumulates_later(p: torch.Tensor) -> bool:
+    """Whether the running backward will still accumulate a gradient into ``p`` (a head tied to the embedding)."""
+    will_run = getattr(torch._C, "_will_engine_execute_node", None)
+    if will_run is None or torch._C._current_graph_task_id() == -1:
+        return False
+    return bool(will_run(p.view_as(p).grad_fn.next_functions[0][0]))  # p's AccumulateGrad node
+
+
+def _add_once(extra: torch.Tensor, fired: list[bool], grad: torch.Tensor) -> torch.Tensor:
+    if fired:
+        return grad
+    fired.append(True)
+    return grad + extra.to(grad.dtype)
+
+
+class _Zero3HeadCE(torch.autograd.Function):
+    """Summed chunked cross entropy for a *trainable* ZeRO-3 partitioned head: one head gradient per backward.
+
+    DeepSpeed stage 3 reduces a parameter's gradient from a hook on its gradient accumulation and expects one
+    accumulation per backward; checkpointed chunks give the head one per chunk (and crash it). Here the forward
+    runs all chunks without grad; the backward gathers the head once, recomputes the chunks (the loss scale
+    applied before any cast to the head's dtype, so fp16 is safe), sums the head's gradients over them and
+    accumulates each parameter's total once, while it is still gathered (a partitioned parameter cannot take a
+    full-size gradient). The parameters are therefore *not* inputs of this node (the outer backward would run
+    their accumulation, and DeepSpeed's hook, a second time); ``anchor``, a throwaway leaf, keeps the node in the
+    graph even when the rows need no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, rows: torch.Tensor, targets: torch.Tensor, chunk_size: int, lm_head: nn.Module,
+                params: list[torch.Tensor], anchor: torch.Tensor) -> torch.Tensor:
+        ctx.lm_head, ctx.chunk_size, ctx.params = lm_head, chunk_size, params
+        ctx.save_for_backward(rows, targets)
+        total = torch.zeros((), dtype=torch.float32, device=rows.device)
+        with _gathered_hook_free(lm_head), torch.no_grad():
+            for start in range(0, rows.shape[0], chunk_size):
+                total += _chunk_ce_sum(lm_head, rows[start : start + chunk_size], targets[start : start + chunk_size])
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        rows, targets = ctx.saved_tensors
+        lm_head, chunk_size, params = ctx.lm_head, ctx.chunk_size, ctx.params
+        for handle, fired in [h for h in _TIED_HOOKS if h[1]]:
+            handle.remove()
+            _TIED_HOOKS.remove((handle, fired))
+        need_rows = ctx.needs_input_grad[0]
+        grad_rows = torch.zeros_like(rows) if need_rows else None
+        with _gathered_hook_free(lm_head), torch.enable_grad():
+            # Zero-filled, not None: every rank must hand DeepSpeed a gradient for every parameter (a collective).
+            grad_params = [torch.zeros_like(p) for p in params]
+            for start in range(0, rows.shape[0], chunk_size):
+                r = rows[start : start + chunk_size].detach().requires_grad_(need_rows)
+                t = targets[start : start + chunk_size]
+                logits = lm_head(r)
+                g = torch.softmax(logits.detach().float(), dim=-1)
+                g[torch.arange(t.numel(), device=t.device), t] -= 1.0
+                g *= grad_out
+                wrt = ([r] if need_rows else []) + list(params)
+                grads = list(torch.autograd.grad(logits, wrt, grad_outputs=g.to(logits.dtype), allow_unused=True))
+                if need_rows:
+                    grad_rows[start : start + chunk_size] = grads.pop(0)
+                for acc, gp in zip(grad_params, grads):
+                    if gp is not None:
+                        acc += gp
+                del logits, g
+            own, own_grads = [], []
+            for p, gp in zip(params, grad_params):
+                if _accumulates_later(p):
+                    # Tied to the input embedding, whose backward accumulates into it later in this backward:
+                    # add the head's share there, so the parameter still accumulates (and is reduced) once.
+                    fired: list[bool] = []
+                    _TIED_HOOKS.append((p.register_hook(functools.partial(_add_once, gp, fired)), fired))
+                else:
+                    own.append(p)
+                    own_grads.append(gp)
+            # A nested backward through a view reaches each parameter's own accumulation node (and DeepSpeed's
+            # hook on it) exactly once, while the parameter is gathered.
+            if own:
+                torch.autograd.backward([p.view_as(p) for p in own], own_grads)
+        return grad_rows, None, None, None, None, None
+
+
 # --------------------------------------------------------------------------- main entry
 
 
@@ -270,12 +412,25 @@ def causal_lm_loss(
     hidden_flat, rows, targets = supervised_rows(hidden_states, labels)
     n_valid = rows.shape[0]
     zero3 = _zero3_partitioned(lm_head)
-    if recompute is None:
-        recompute = zero3 or _fp16_logits(hidden_states)
-    elif not recompute and zero3:
-        raise ValueError("recompute=False is impossible with a ZeRO-3 partitioned lm_head")
+    head_params = [p for p in lm_head.parameters() if p.requires_grad]
+    plain_head = (type(lm_head) is nn.Linear and lm_head.bias is None
+                  and not (lm_head._forward_hooks or lm_head._forward_pre_hooks))
+    path, why_not_liger = select_loss_path(
+        device_type=hidden_states.device.type, fp16_logits=_fp16_logits(hidden_states), zero3=zero3,
+        head_trainable=bool(head_params), plain_head=plain_head,
+        liger_installed=use_liger is not False and _liger_installed(), use_liger=use_liger, recompute=recompute,
+        grad_enabled=torch.is_grad_enabled())
+    if why_not_liger:  # explicitly requested: say why not (the warnings registry dedups repeats)
+        warnings.warn(f"causal_lm_loss: fused liger path unavailable ({why_not_liger}); using chunked path",
+                      stacklevel=2)
 
-    if n_valid > 0 and _liger_usable(lm_head, hidden_states, use_liger):
+    if path == "zero3_head":
+        # Every rank takes this path, with or without rows: its gathers are collectives.
+        anchor = torch.zeros((), device=rows.device, requires_grad=True)
+        loss_sum = _Zero3HeadCE.apply(rows, targets, chunk_size, lm_head, head_params, anchor)
+        if n_valid == 0:
+            return (hidden_states.sum() * 0).float() + loss_sum * 0
+    elif n_valid > 0 and path == "liger":
         loss_sum = _liger_ce_sum(lm_head, rows, targets)
     else:
         # ZeRO-3 ranks must all call the head equally often; ranks without rows then run empty chunks.
@@ -286,11 +441,10 @@ def causal_lm_loss(
             # gradient: DDP / DeepSpeed would otherwise wait for missing reductions.
             empty = lm_head(hidden_flat[:0]).float().sum()
             return (hidden_states.sum() * 0).float() + empty * 0
-        if recompute or not torch.is_grad_enabled():
+        if path != "grads_in_forward":
             loss_sum = _recomputed_ce_sum(lm_head, rows, targets, chunk_size, n_chunks, zero3)
         else:
-            params = [p for p in lm_head.parameters() if p.requires_grad]
-            loss_sum = _HeadCEWithGrads.apply(rows, targets, chunk_size, lm_head, *params)
+            loss_sum = _HeadCEWithGrads.apply(rows, targets, chunk_size, lm_head, *head_params)
         if n_valid == 0:  # only possible with synced (ZeRO-3) empty chunks
             return (hidden_states.sum() * 0).float() + loss_sum * 0
 

@@ -33,11 +33,13 @@ from trl.trainer.utils import FusedCausalLMOutput
 
 from ..config import ConfigError, Recipe
 from ..data.pairs import prepare_pairs
-from ..models.loading import build_from_config, load_model, resolve_precision
+from ..models.loading import build_from_config, resolve_precision
+from ..quant.backend import quantization_kwargs, resolve_quantized_precision
+from ..quant.training import prepare_loaded_model
 from .distributed import check_combination, init_distributed_for_cpu, quiet_non_main_ranks, zero3_init_disabled
+from .loading import load_model
 from .logprobs import token_logprobs
 from .methods import apply_method, count_parameters
-from .quant import prepare_loaded_model, quantization_kwargs, resolve_quantized_precision
 from .run import (RECIPE_FILE, RunResult, _check_output_dir, _copy_generation_config, _summary, _use_cpu,
                   engine_info, training_arguments)
 from .trainer import QwenTrainer

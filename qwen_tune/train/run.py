@@ -18,13 +18,16 @@ from transformers import TrainingArguments, set_seed
 from ..config import ConfigError, Recipe
 from ..data.collators import make_collator
 from ..data.dataset import PreparedData, prepare_data
+from ..models.families import packing_is_exact
 from ..models.loading import build_from_config, resolve_precision
 from ..quant.backend import quantization_kwargs, resolve_quantized_precision
 from ..quant.training import prepare_loaded_model
 from .distributed import (check_combination, fsdp_arguments, init_distributed_for_cpu, quiet_non_main_ranks,
                           zero3_init_disabled)
+from .devices import check_visible_devices
 from .loading import LoadedModel, load_model
 from .methods import apply_method, count_parameters
+from .precision import autocast_master_weights, load_dtype, upcast_trainable
 from .trainer import QwenTrainer, latest_complete_checkpoint
 
 log = logging.getLogger("qwen_tune")
@@ -138,6 +141,7 @@ def setup_run(recipe: Recipe, out: Path) -> str | None:
     quiet_non_main_ranks()
     resume = _check_output_dir(out, recipe)
     check_combination(recipe)
+    check_visible_devices(_use_cpu(recipe))
     if recipe.fsdp and _use_cpu(recipe):
         log.warning("fsdp: FSDP needs GPUs; on CPU the Trainer silently trains with plain DDP (no sharding)")
     resolve_quantized_precision(recipe, _use_cpu(recipe))  # GPTQ: bf16 refused, auto -> fp16 (GPU) / fp32 (CPU)
@@ -154,7 +158,7 @@ def build_base_model(recipe: Recipe, args: TrainingArguments, out: Path) -> tupl
         with args.main_process_first(desc="building the base model"), zero3_init_disabled():
             base = str(build_from_config(recipe.model.from_config, out / "base_model", recipe.model.seed))
     precision = resolve_precision(recipe.training.precision, _use_cpu(recipe))
-    dtype = recipe.model.dtype if recipe.model.dtype != "auto" else precision
+    dtype = load_dtype(recipe.method, recipe.model.dtype, precision, _master_fp32(recipe))
     loaded = load_model(base, dtype=dtype, attn_implementation=recipe.model.attn_implementation,
                         tokenizer_path=recipe.model.tokenizer, is_chat=recipe.model.is_chat,
                         **quantization_kwargs(recipe, base))
@@ -162,6 +166,12 @@ def build_base_model(recipe: Recipe, args: TrainingArguments, out: Path) -> tupl
     log.info("model: %s (%s family, %s checkpoint) from %s", type(loaded.model).__name__, loaded.family.name,
              "chat" if loaded.is_chat else "base", base)
     return base, loaded
+
+
+def _master_fp32(recipe: Recipe) -> bool:
+    """Whether trainable weights are kept in fp32 under 16-bit autocast (see train/precision.py)."""
+    precision = resolve_precision(recipe.training.precision, _use_cpu(recipe))
+    return autocast_master_weights(precision, recipe.deepspeed, _use_cpu(recipe))
 
 
 def build_data(recipe: Recipe, tokenizer: Any, args: TrainingArguments, out: Path) -> PreparedData:
@@ -179,6 +189,7 @@ def build_data(recipe: Recipe, tokenizer: Any, args: TrainingArguments, out: Pat
 def build_trainable_model(recipe: Recipe, loaded: LoadedModel) -> tuple[torch.nn.Module, int, int]:
     """The model the method trains (full, LoRA or Q-LoRA), with its trainable and total parameter counts."""
     model = apply_method(loaded.model, recipe, loaded.family, loaded.is_chat)
+    upcast_trainable(model, _master_fp32(recipe))
     trainable, total = count_parameters(model)
     log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
     return model, trainable, total

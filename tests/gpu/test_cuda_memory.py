@@ -18,7 +18,7 @@ import torch
 from cuda_helpers import DRY, record, size
 from qwen_tune.config import load_recipe
 from qwen_tune.models.loading import build_from_config
-from qwen_tune.train.memory import estimate_memory
+from qwen_tune.estimate import estimate_memory
 from qwen_tune.train.run import run_training
 
 pytestmark = pytest.mark.cuda

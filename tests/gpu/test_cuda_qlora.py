@@ -11,7 +11,8 @@ import pytest
 
 from cuda_helpers import DEVICE, DRY, record, size, small_chat_data
 from qwen_tune.config import load_recipe
-from qwen_tune.models.gptq import gptqmodel_available, quantize_checkpoint
+from qwen_tune.export.quantize import quantize_checkpoint
+from qwen_tune.quant.backend import gptqmodel_available
 from qwen_tune.models.loading import build_from_config
 from qwen_tune.train.run import run_training
 
