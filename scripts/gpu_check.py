@@ -42,7 +42,7 @@ CUDA_PLAN: list[dict[str, Any]] = [
      "cells": [f"{m}:{s}" for s in (2048, 8192, 256) for m in ("lora", "qlora", "full", "lora_emb")]},
     {"model": "qwen2.5-7b", "timeout": 240, "min_left": 200, "cells": ["lora:2048", "qlora:2048", "lora:8192"]},
 ]
-DRY_PLAN: list[dict[str, Any]] = [{"model": "tiny", "timeout": 120, "min_left": 0, "cells": ["lora:64", "qlora:64"]}]
+DRY_PLAN: list[dict[str, Any]] = [{"model": "tiny", "timeout": 300, "min_left": 0, "cells": ["lora:64", "qlora:64"]}]
 
 
 def log(msg: str) -> None:
