@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(dest),
                     str(REPO)], check=True, capture_output=True)
     failed: list[str] = []
+    warned: list[str] = []
     all_pins: dict[str, dict[str, str]] = {}
     for py in args.python_version.split(","):
         py = py.strip()
@@ -156,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         provided = set(closure([Requirement("torch"), Requirement("triton")], py, set())) | set(PROVIDED)
         provided |= {canonicalize_name(x) for x in args.exclude.split(",") if x.strip()}
         todo = closure(roots, py, provided)
+        # What qwen-tune needs beyond the provided packages *and* their dependencies: a missing wheel there is an
+        # error; for a dependency of transformers/peft/accelerate (collected as a fallback) only a warning.
+        own = set(closure(roots, py, provided | set(closure([Requirement(p) for p in PROVIDED], py, set()))))
+        own |= {canonicalize_name(r.name) for r in roots}  # qwen-tune's direct requirements always count
         print(f"python {py}: {len(todo)} packages beyond {', '.join(PROVIDED)} and torch's dependencies")
         done: set[str] = set()
         while todo:  # one pip call per round; a round adds the requirements of wheels not installed here
@@ -173,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                     # the newest release that fits the requirement and that Python instead.
                     fallback = str(Requirement(f"{n}{batch[n].specifier}"))
                     if "==" not in spec or not download([fallback], dest, py, glibc):
-                        failed.append(f"{spec} (python {py})")
+                        (failed if n in own else warned).append(f"{spec} (python {py})")
                         del specs[n]
                         continue
                     print(f"  python {py}: {spec} has no wheel; using the newest {fallback}")
@@ -204,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     total = sum(n for n, _ in sizes)
     print(f"{total / 2**20:.0f} MiB of wheels; largest: " + ", ".join(f"{name} {n / 2**20:.0f} MiB"
                                                                     for n, name in sizes[:4]))
+    if warned:
+        print("no wheel (a dependency of the provided packages, normally present there) for: " + ", ".join(warned))
     if failed:
         print("no wheel for: " + ", ".join(failed))
         return 1

@@ -1,7 +1,7 @@
 """One prepared GPU check: the CUDA-only tests, then a short profile, then one summary table.
 
     python scripts/gpu_check.py                          # on a CUDA machine: < 8 minutes
-    python scripts/gpu_check.py --install-wheels wheels  # first install the wheels of scripts/collect_gpu_wheels.sh
+    python scripts/gpu_check.py --install-wheels wheels  # first install the wheels of scripts/collect_gpu_wheels.py
     python scripts/gpu_check.py --dry-run                # the same code paths on CPU, tiny shapes, < 1 minute
 
 Part 1 runs `pytest -m cuda tests/gpu` (chunked loss vs full logits in bf16 / fp16 + GradScaler, liger path and
@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -41,7 +42,7 @@ CUDA_PLAN: list[dict[str, Any]] = [
      "cells": [f"{m}:{s}" for s in (2048, 8192, 256) for m in ("lora", "qlora", "full", "lora_emb")]},
     {"model": "qwen2.5-7b", "timeout": 240, "min_left": 200, "cells": ["lora:2048", "qlora:2048", "lora:8192"]},
 ]
-DRY_PLAN: list[dict[str, Any]] = [{"model": "tiny", "timeout": 120, "min_left": 0, "cells": ["lora:64", "qlora:64"]}]
+DRY_PLAN: list[dict[str, Any]] = [{"model": "tiny", "timeout": 300, "min_left": 0, "cells": ["lora:64", "qlora:64"]}]
 
 
 def log(msg: str) -> None:
@@ -55,6 +56,19 @@ def child_env(device: str, **extra: str) -> dict[str, str]:
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     return env
+
+
+def run_group(cmd: list[str], env: dict[str, str], timeout: float, stdout: Any = None) -> int:
+    """Run in its own process group and, past the timeout, kill the whole group: a profile cell (a grandchild)
+    must not keep the GPU busy after its parent is gone. Returns 124 on timeout."""
+    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=stdout, stderr=subprocess.STDOUT if stdout else None,
+                         start_new_session=True)
+    try:
+        return p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        return 124
 
 
 # --------------------------------------------------------------------------- wheels
@@ -121,11 +135,8 @@ def run_tests(device: str, work: Path, timeout: float, extra: list[str]) -> dict
     t0 = time.monotonic()
     logfile = work / "pytest.log"
     with open(logfile, "w", encoding="utf-8") as f:  # streamed to the file: a killed run keeps its output
-        try:
-            rc = subprocess.run(cmd, cwd=REPO, env=child_env(device, QWEN_TUNE_CHECK_RECORD=str(records)),
-                                stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
-        except subprocess.TimeoutExpired:
-            rc = 124
+        rc = run_group(cmd, env=child_env(device, QWEN_TUNE_CHECK_RECORD=str(records)), timeout=timeout, stdout=f)
+        if rc == 124:
             f.write(f"\n[gpu_check] pytest timed out after {timeout:.0f}s\n")
     wall = time.monotonic() - t0
     out = logfile.read_text(encoding="utf-8", errors="replace")
@@ -173,11 +184,8 @@ def run_profile(device: str, plan: list[dict[str, Any]], work: Path, results_dir
             cmd += ["--full-deepspeed", "none"]
         log(f"part 2: {' '.join(cmd[1:])}")
         t0 = time.monotonic()
-        try:
-            # The profile enforces its own budget per cell; this outer limit only catches a hang while building.
-            rc = subprocess.run(cmd, cwd=REPO, env=child_env(device), timeout=max(left, 30)).returncode
-        except subprocess.TimeoutExpired:
-            rc = 124
+        # The profile enforces its own budget per cell; this outer limit only catches a hang while building.
+        rc = run_group(cmd, env=child_env(device), timeout=max(left, 30))
         data = results_dir / f"{name}.json"
         res = json.loads(data.read_text()) if data.exists() else {}
         runs.append({"model": entry["model"], "exit": rc, "wall_s": round(time.monotonic() - t0, 1),
@@ -275,6 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tests-timeout", type=float, default=None, help="seconds for part 1 (default 200; dry 90)")
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--skip-profile", action="store_true")
+    ap.add_argument("--profile-models", default=None,
+                    help="comma-separated subset of the CUDA plan's models, in order (default: "
+                         + ",".join(e["model"] for e in CUDA_PLAN) + "; the 7B runs only with the time the 1.5B "
+                         "cells leave)")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per profile cell (default 2; the "
                                                            "first is warm-up)")
     ap.add_argument("--grad-accum", type=int, default=None, help="profile gradient accumulation (default 8, as "
@@ -282,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results-dir", default=None, help="default bench/results (dry run: the scratch directory)")
     ap.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
     ap.add_argument("--install-wheels", default=None, metavar="DIR",
-                    help="first install DIR/requirements.txt from DIR only (scripts/collect_gpu_wheels.sh)")
+                    help="first install the missing pinned packages from DIR only (scripts/collect_gpu_wheels.py)")
     ap.add_argument("--ignore-installed", action="store_true", help=argparse.SUPPRESS)  # collect --verify
     ap.add_argument("--pytest-args", default="", help="extra pytest arguments, e.g. '-k loss'")
     args = ap.parse_args(argv)
@@ -316,7 +328,14 @@ def main(argv: list[str] | None = None) -> int:
         tests = run_tests(device, work, min(timeout, max(deadline - time.monotonic(), 10)), args.pytest_args.split())
     runs: list[dict[str, Any]] = []
     if not args.skip_profile:
-        runs = run_profile(device, DRY_PLAN if dry else CUDA_PLAN, work, results_dir, stamp, deadline - 5,
+        plan = DRY_PLAN if dry else CUDA_PLAN
+        if args.profile_models and not dry:
+            wanted = [m.strip() for m in args.profile_models.split(",") if m.strip()]
+            plan = [e for m in wanted for e in CUDA_PLAN if e["model"] == m]
+            if len(plan) != len(wanted):
+                ap.error(f"--profile-models {args.profile_models}: choose from "
+                         + ", ".join(e["model"] for e in CUDA_PLAN))
+        runs = run_profile(device, plan, work, results_dir, stamp, deadline - 5,
                            args.steps or 2, args.grad_accum or (1 if dry else 8))
     wall = time.monotonic() - start
     md = summary_markdown(info, tests, runs, wall)
