@@ -113,7 +113,6 @@ def run_training(recipe: Recipe, callbacks: list[Any] | None = None) -> RunResul
     if recipe.fsdp and _use_cpu(recipe):
         log.warning("fsdp: FSDP needs GPUs; on CPU the Trainer silently trains with plain DDP (no sharding)")
     resolve_quantized_precision(recipe, _use_cpu(recipe))  # GPTQ: bf16 refused, auto -> fp16 (GPU) / fp32 (CPU)
-    set_seed(recipe.training.seed)
     if recipe.deepspeed and _use_cpu(recipe):
         init_distributed_for_cpu()
 
@@ -127,6 +126,9 @@ def run_training(recipe: Recipe, callbacks: list[Any] | None = None) -> RunResul
     if recipe.model.from_config:
         with args.main_process_first(desc="building the base model"), zero3_init_disabled():
             base = str(build_from_config(recipe.model.from_config, out / "base_model", recipe.model.seed))
+    # Seeded after the base exists: building it draws from the RNG, reusing it does not, and a restarted run
+    # (which finds base_model/) must draw the same LoRA init and dropout masks as the first attempt.
+    set_seed(recipe.training.seed)
     precision = resolve_precision(recipe.training.precision, _use_cpu(recipe))
     dtype = recipe.model.dtype if recipe.model.dtype != "auto" else precision
     loaded = load_model(base, dtype=dtype, attn_implementation=recipe.model.attn_implementation,
