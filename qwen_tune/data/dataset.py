@@ -103,6 +103,18 @@ def mix(groups: list[tuple[DatasetSpec, list[Conversation]]], seed: int) -> list
     return out
 
 
+def split_eval(groups: list[tuple[DatasetSpec, list[Conversation]]], ratio: float, seed: int
+               ) -> tuple[list[tuple[DatasetSpec, list[Conversation]]], list[Conversation]]:
+    """Hold out `ratio` of the unique records (before weighting), so no copy of an eval sample is trained on."""
+    pool = [(g, i) for g, (_, convs) in enumerate(groups) for i in range(len(convs))]
+    random.Random(seed).shuffle(pool)
+    n_eval = max(1, math.floor(len(pool) * ratio))
+    held = set(pool[:n_eval])
+    eval_convs = [groups[g][1][i] for g, i in pool[:n_eval]]
+    rest = [(spec, [c for i, c in enumerate(convs) if (g, i) not in held]) for g, (spec, convs) in enumerate(groups)]
+    return rest, eval_convs
+
+
 # ---------------------------------------------------------------- tokenization + cache
 
 def _file_digest(path: Path, h: Any) -> None:
@@ -134,7 +146,7 @@ def cache_key(cfg: DataConfig, tokenizer: Any, seed: int) -> str:
                 _file_digest(f, h)
     params = dict(v=TEMPLATE_VERSION, tok=tokenizer_fingerprint(tokenizer), max_len=cfg.max_len, mask=cfg.mask,
                   system=cfg.system_prompt, trunc=cfg.truncation, ratio=cfg.eval_split_ratio, seed=seed,
-                  strict=cfg.strict)
+                  strict=cfg.strict, split="unique-before-weight")
     h.update(json.dumps(params, sort_keys=True).encode())
     return h.hexdigest()[:24]
 
@@ -185,18 +197,16 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, seed: int = 42, use_cache: boo
 
     train_report = DataReport("train")
     groups = [(s, load_conversations(s, train_report, cfg.strict)) for s in cfg.datasets]
-    train_convs = mix(groups, seed)
     eval_convs: list[Conversation] = []
     reports = [train_report]
     if cfg.eval_datasets:
         eval_report = DataReport("eval")
         reports.append(eval_report)
         eval_convs = mix([(s, load_conversations(s, eval_report, cfg.strict)) for s in cfg.eval_datasets], seed)
-    elif cfg.eval_split_ratio > 0 and len(train_convs) > 1:
-        random.Random(seed).shuffle(train_convs)
-        n_eval = max(1, math.floor(len(train_convs) * cfg.eval_split_ratio))
-        eval_convs, train_convs = train_convs[:n_eval], train_convs[n_eval:]
+    elif cfg.eval_split_ratio > 0 and sum(len(c) for _, c in groups) > 1:
+        groups, eval_convs = split_eval(groups, cfg.eval_split_ratio, seed)
         reports.append(DataReport("eval"))
+    train_convs = mix(groups, seed)
     train = tokenize(train_convs, encoder, train_report, cfg.num_proc)
     eval_ds = tokenize(eval_convs, encoder, reports[1], cfg.num_proc) if len(reports) > 1 else None
     if len(train) == 0:
