@@ -139,12 +139,52 @@ def test_resume_reproduces_uninterrupted_losses(bases, small_data, tmp_path):
 
 
 def test_incomplete_checkpoint_is_not_resumed(tmp_path):
+    from qwen_tune.train.trainer import latest_complete_checkpoint, mark_complete
+
+    for step in (2, 4, 6):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"x" * 100)
+        (tmp_path / f"checkpoint-{step}" / "optimizer.pt").write_bytes(b"y" * 100)
+    mark_complete(tmp_path / "checkpoint-2", 2)
+    mark_complete(tmp_path / "checkpoint-4", 4)
+    (tmp_path / "checkpoint-4" / "optimizer.pt").unlink()  # half-deleted: its marker vouches for a missing file
+    (tmp_path / "checkpoint-6" / "qwen_tune_complete").write_text("6")  # a marker that vouches for nothing
+    assert latest_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+    (tmp_path / "checkpoint-2" / "model.safetensors").write_bytes(b"x" * 50)  # truncated after the save
+    assert latest_complete_checkpoint(tmp_path) is None
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs."""
+
+
+def test_kill_during_checkpoint_rotation_leaves_a_resumable_checkpoint(bases, small_data, tmp_path, monkeypatch):
+    import shutil
+
     from qwen_tune.train.trainer import latest_complete_checkpoint
 
-    (tmp_path / "checkpoint-2").mkdir()
-    (tmp_path / "checkpoint-2" / "qwen_tune_complete").write_text("2")
-    (tmp_path / "checkpoint-4").mkdir()  # killed mid-save: no marker
-    assert latest_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+    out = tmp_path / "rot"
+    real_rmtree = shutil.rmtree
+
+    def killed_while_deleting(path, *a, **kw):
+        path = Path(path)
+        if not path.name.startswith("checkpoint-"):
+            return real_rmtree(path, *a, **kw)
+        next(f for f in sorted(path.iterdir()) if f.name != "qwen_tune_complete").unlink()  # half deleted
+        raise _Killed
+
+    monkeypatch.setattr(shutil, "rmtree", killed_while_deleting)
+    with pytest.raises(_Killed):  # at step 4, rotating checkpoint-2 away (save_total_limit=1)
+        run_training(recipe(bases["chat"], small_data, out, "lora", "training.max_steps=4", "output.save_steps=2",
+                            "output.save_total_limit=1"))
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    assert latest_complete_checkpoint(out) == str(out / "checkpoint-4")
+    assert not (out / "checkpoint-2" / "qwen_tune_complete").exists()
+    resumed = run_training(recipe(bases["chat"], small_data, out, "lora", "training.max_steps=5",
+                                  "output.save_steps=2", "output.save_total_limit=1",
+                                  "output.resume_from_checkpoint=auto"))
+    assert resumed.global_step == 5 and sorted(h["step"] for h in resumed.log_history if "loss" in h) == [1, 2, 3, 4, 5]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-5"]
 
 
 @pytest.mark.parametrize("override, expected", [

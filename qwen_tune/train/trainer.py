@@ -7,32 +7,88 @@ stock Trainer.
 from __future__ import annotations
 
 import functools
+import json
+import logging
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import Trainer
+from transformers.trainer_utils import sort_checkpoints
 
 from ..data.collators import packed_sample_index
 from .loss import causal_lm_loss
 
 COMPLETE_MARKER = "qwen_tune_complete"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
     pass
 
 
+def _manifest(ckpt: Path) -> dict[str, int]:
+    return {str(p.relative_to(ckpt)): p.stat().st_size for p in sorted(ckpt.rglob("*"))
+            if p.is_file() and not p.name.startswith(COMPLETE_MARKER)}
+
+
+def mark_complete(ckpt: str | os.PathLike, step: int) -> None:
+    """Vouch for a finished save: the marker lists every file with its size, written atomically."""
+    ckpt = Path(ckpt)
+    tmp = ckpt / f"{COMPLETE_MARKER}.tmp"
+    tmp.write_text(json.dumps({"step": step, "files": _manifest(ckpt)}, indent=1))
+    os.replace(tmp, ckpt / COMPLETE_MARKER)
+
+
+def is_complete(ckpt: str | os.PathLike) -> bool:
+    """The marker is there and every file it vouches for is still there with its size (not half-deleted)."""
+    ckpt = Path(ckpt)
+    try:
+        files = json.loads((ckpt / COMPLETE_MARKER).read_text())["files"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return False
+    for name, size in files.items():
+        f = ckpt / name
+        if not f.is_file() or f.stat().st_size != size:
+            log.warning("%s: %s is missing or changed since the checkpoint was saved; not resuming from it", ckpt, name)
+            return False
+    return bool(files)
+
+
+def remove_checkpoint(ckpt: str | os.PathLike) -> None:
+    """Unmark first, so a deletion cut short never leaves a marked, partial checkpoint."""
+    (Path(ckpt) / COMPLETE_MARKER).unlink(missing_ok=True)
+    shutil.rmtree(ckpt, ignore_errors=True)
+
+
+def rotate_checkpoints(output_dir: str | os.PathLike, limit: int | None, best: str | None = None) -> None:
+    """transformers' rotation (keep the newest `limit`, never the latest or the best), deleting unmarked-first."""
+    if not limit or limit <= 0:
+        return
+    ckpts = sort_checkpoints(str(output_dir), use_mtime=False, best_model_checkpoint=best)
+    if not ckpts:
+        return
+    protected = {ckpts[-1], str(Path(best))} if best else {ckpts[-1]}
+    extra = len(ckpts) - max(limit, len(protected))
+    for c in ckpts:
+        if extra <= 0:
+            break
+        if c not in protected:
+            remove_checkpoint(c)
+            extra -= 1
+
+
 def latest_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The newest checkpoint-N whose save finished (a run killed mid-save leaves no marker)."""
+    """The newest checkpoint-N whose save finished and is still whole (a run killed mid-save leaves no marker)."""
     best = None
     for d in Path(output_dir).glob("checkpoint-*"):
         m = _CKPT.match(d.name)
-        if m and (d / COMPLETE_MARKER).exists() and (best is None or int(m.group(1)) > best[0]):
+        if m and (best is None or int(m.group(1)) > best[0]) and is_complete(d):
             best = (int(m.group(1)), d)
     return str(best[1]) if best else None
 
@@ -131,8 +187,15 @@ class QwenTrainer(Trainer):
             model.__dict__.pop("save_pretrained", None)
 
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
-        super()._save_checkpoint(model, trial)
-        self.accelerator.wait_for_everyone()
+        # Rotation waits until the new checkpoint is marked complete: a kill in between must leave one to resume.
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()  # every rank's shards are on disk before the marker lists them
         if self.args.should_save:
-            ckpt = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
-            (ckpt / COMPLETE_MARKER).write_text(str(self.state.global_step))
+            run_dir = self._get_output_dir(trial=trial)
+            mark_complete(Path(run_dir) / f"checkpoint-{self.state.global_step}", self.state.global_step)
+            rotate_checkpoints(run_dir, limit, self.state.best_model_checkpoint)
