@@ -34,3 +34,20 @@ def test_eval_split_holds_out_unique_records_before_weighting(files, tokenizer):
     a_ids = {r["id"] for r in json.loads((files / "a.json").read_text())}
     held_a = len(eval_ids & a_ids)
     assert len(data.train) == 3 * (12 - held_a) + round(0.5 * (8 - (5 - held_a)))
+
+
+def test_streaming_tokenizes_eval_files_and_refuses_weights(files, tokenizer):
+    from qwen_tune.config import ConfigError
+
+    cfg = DataConfig(datasets=[{"path": str(files / "a.json")}], eval_datasets=[{"path": str(files / "b.json")}],
+                     streaming=True, max_len=256)
+    data = prepare_data(cfg, tokenizer, use_cache=False)
+    assert len(list(data.train)) == 12
+    assert data.eval is not None and len(data.eval) == 8
+    weighted = DataConfig(datasets=[{"path": str(files / "a.json"), "weight": 2}], streaming=True)
+    with pytest.raises(ConfigError, match=r"a\.json \(weight 2\)") as e:
+        prepare_data(weighted, tokenizer, use_cache=False)
+    assert len(str(e.value).splitlines()) == 1
+    with pytest.raises(ConfigError, match="eval_split_ratio"):
+        prepare_data(DataConfig(datasets=[{"path": str(files / "a.json")}], eval_split_ratio=0.1, streaming=True),
+                     tokenizer, use_cache=False)

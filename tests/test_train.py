@@ -233,3 +233,13 @@ def test_nan_loss_stops_before_the_optimizer_step(bases, small_data, tmp_path, c
     assert ckpt == str(out / f"checkpoint-{step - 1}") and not (out / f"checkpoint-{step}").exists()
     weights = load_file(Path(ckpt) / "model.safetensors")
     assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_trained_label_tokens_exclude_evaluation(bases, small_data, tmp_path):
+    common = ["training.max_steps=4", "training.grad_accum=1", "output.save_steps=100"]
+    plain = run_training(recipe(bases["chat"], small_data, tmp_path / "a", "lora", *common))
+    evaluated = run_training(recipe(bases["chat"], small_data, tmp_path / "b", "lora", *common,
+                                    f"data.eval_path={small_data}", "training.eval_steps=1"))
+    assert any("eval_loss" in h for h in evaluated.log_history)
+    got = evaluated.summary["trained_label_tokens_this_session"]
+    assert got == plain.summary["trained_label_tokens_this_session"] > 0

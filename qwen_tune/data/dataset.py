@@ -20,7 +20,7 @@ from typing import Any, Iterable, Iterator
 
 import datasets
 
-from ..config import DataConfig, DatasetSpec
+from ..config import ConfigError, DataConfig, DatasetSpec
 from .formats import Conversation, DataError, RawRecord, detect_file_format, list_data_files, read_records, to_conversation
 from .report import DataReport
 from .template import TEMPLATE_VERSION, ChatMLEncoder
@@ -185,7 +185,7 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, seed: int = 42, use_cache: boo
         raise DataError("<recipe>", "no_data", "no training data: set data.path or data.datasets")
     encoder = ChatMLEncoder(tokenizer, cfg.max_len, cfg.mask, cfg.system_prompt, cfg.truncation)
     if cfg.streaming:
-        return PreparedData(_streaming_dataset(cfg, encoder), None, [DataReport("train (streaming)")])
+        return _prepare_streaming(cfg, encoder, seed)
     cache_root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     key = cache_key(cfg, tokenizer, seed)
     cached = cache_root / "tokenized" / key
@@ -237,6 +237,25 @@ def _report_from_dict(d: dict[str, Any]) -> DataReport:
     r = DataReport(d["name"], d["records"], d["kept"], d["truncated"], d["leading_assistant_dropped"],
                    Counter(d["skipped"]), Counter(d["dropped"]), d["examples"])
     return r
+
+
+def _prepare_streaming(cfg: DataConfig, encoder: ChatMLEncoder, seed: int) -> PreparedData:
+    """Training data read lazily; eval data (small by nature) tokenized up front like in the in-memory mode."""
+    weighted = [f"{s.path} (weight {s.weight:g})" for s in cfg.datasets if s.weight != 1.0]
+    if weighted:
+        # A weight means "this many passes" over a dataset whose length streaming never knows up front.
+        raise ConfigError(f"data.streaming: dataset weights need the in-memory mode: {', '.join(weighted)}; "
+                          "set data.streaming=false or remove the weights")
+    if cfg.eval_split_ratio > 0:
+        raise ConfigError("data.streaming: eval_split_ratio needs the in-memory mode; give the held-out data as "
+                          "data.eval_path (or data.eval_datasets) instead, or set data.streaming=false")
+    reports = [DataReport("train (streaming)")]
+    eval_ds = None
+    if cfg.eval_datasets:
+        reports.append(DataReport("eval"))
+        convs = mix([(s, load_conversations(s, reports[1], cfg.strict)) for s in cfg.eval_datasets], seed)
+        eval_ds = tokenize(convs, encoder, reports[1], cfg.num_proc)
+    return PreparedData(_streaming_dataset(cfg, encoder), eval_ds, reports)
 
 
 def _streaming_dataset(cfg: DataConfig, encoder: ChatMLEncoder) -> datasets.IterableDataset:

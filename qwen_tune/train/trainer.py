@@ -121,14 +121,13 @@ class QwenTrainer(Trainer):
         # Our loss divides by num_items_in_batch itself; tell the Trainer so it counts label tokens over the
         # whole accumulation window and does not divide by the accumulation steps again.
         self.model_accepts_loss_kwargs = True
-        self.label_tokens = 0  # trained (label) tokens seen by this process
+        self._label_tokens: torch.Tensor | int = 0  # trained label tokens of this process, summed on the device
         self._start = time.perf_counter()
         self._last = (self._start, 0)
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None) -> Any:
         labels = inputs["labels"]
-        self.label_tokens += int((labels[..., 1:] != -100).sum())
         inner = _unwrap(self.model)
         if ("position_ids" in inputs and "attention_mask" not in inputs and "cu_seq_lens_q" not in inputs
                 and getattr(inner.config, "_attn_implementation", None) == "sdpa"):
@@ -155,7 +154,14 @@ class QwenTrainer(Trainer):
             loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
+    @property
+    def label_tokens(self) -> int:
+        """Label tokens trained on by this process (evaluation batches excluded); reading it syncs the device."""
+        return int(self._label_tokens)
+
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        # Counted here, not in compute_loss (which evaluation calls too), and kept as a tensor: no sync per step.
+        self._label_tokens = self._label_tokens + (inputs["labels"][..., 1:] != -100).sum()
         loss = super().training_step(model, inputs, num_items_in_batch)
         # Checked before the optimizer step, so the weights (and the last checkpoint) stay good.
         if not torch.isfinite(loss).all():
