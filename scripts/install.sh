@@ -10,7 +10,8 @@
 #
 # Environment:
 #   PYTHON            interpreter to install into (default: python)
-#   EDITABLE=1        pip install -e . (default; recipes/ and ds_configs/ are read from the checkout); 0 = regular
+#   EDITABLE=1        pip install -e . (default); 0 = a regular (wheel) install: recipes, DeepSpeed configs and the
+#                     example data ship inside the package either way
 #   EXTRAS            qwen-tune extras (default: deepspeed,dev for CPU; deepspeed,nf4,liger for --gpu)
 #   TORCH_SPEC        torch to install if none is (default: torch==2.13.0)
 #   TORCH_INDEX_URL   where from (default: https://download.pytorch.org/whl/cpu, or .../cu128 with --gpu)
