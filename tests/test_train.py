@@ -243,3 +243,23 @@ def test_trained_label_tokens_exclude_evaluation(bases, small_data, tmp_path):
     assert any("eval_loss" in h for h in evaluated.log_history)
     got = evaluated.summary["trained_label_tokens_this_session"]
     assert got == plain.summary["trained_label_tokens_this_session"] > 0
+
+
+def test_tokens_per_s_excludes_the_first_step(bases, small_data, tmp_path):
+    import time
+
+    from transformers import TrainerCallback
+
+    class OneTimeCompile(TrainerCallback):  # what DeepSpeed's op JIT costs on a fresh machine, once
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == 0:
+                time.sleep(4)
+
+    r = run_training(recipe(bases["chat"], small_data, tmp_path / "o", "lora", "training.max_steps=3",
+                            "output.save_steps=100"), callbacks=[OneTimeCompile()])
+    s = r.summary
+    window = s["tokens_per_s_window"]
+    assert window["from"] == "end of the first step" and window["seconds"] <= s["runtime_s"] - 4
+    assert 0 < window["input_tokens"] < s["input_tokens"]
+    assert s["tokens_per_s"] == round(window["input_tokens"] / window["seconds"], 1)
+    assert s["tokens_per_s"] > s["input_tokens"] / s["runtime_s"]
