@@ -39,13 +39,16 @@ def small_data(tmp_path_factory):
     return p
 
 
+def overrides(base: Path, data: Path, out: Path, method: str, *extra: str) -> list[str]:
+    return [f"model.path={base}", f"data.path={data}", f"output.dir={out}", f"method={method}",
+            "data.max_len=128", "training.batch_size=2", "training.grad_accum=2", "training.max_steps=6",
+            "training.gradient_checkpointing=true", "training.warmup_ratio=0", "training.weight_decay=0",
+            "output.logging_steps=1", "output.report_to=[]", "output.save_steps=3", "lora.r=8",
+            "lora.dropout=0", *extra]
+
+
 def recipe(base: Path, data: Path, out: Path, method: str, *extra: str):
-    overrides = [f"model.path={base}", f"data.path={data}", f"output.dir={out}", f"method={method}",
-                 "data.max_len=128", "training.batch_size=2", "training.grad_accum=2", "training.max_steps=6",
-                 "training.gradient_checkpointing=true", "training.warmup_ratio=0", "training.weight_decay=0",
-                 "output.logging_steps=1", "output.report_to=[]", "output.save_steps=3", "lora.r=8",
-                 "lora.dropout=0", *extra]
-    return load_recipe("lora", overrides)
+    return load_recipe("lora", overrides(base, data, out, method, *extra))
 
 
 def snapshot(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -263,3 +266,48 @@ def test_tokens_per_s_excludes_the_first_step(bases, small_data, tmp_path):
     assert 0 < window["input_tokens"] < s["input_tokens"]
     assert s["tokens_per_s"] == round(window["input_tokens"] / window["seconds"], 1)
     assert s["tokens_per_s"] > s["input_tokens"] / s["runtime_s"]
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 30 MB filesystem: one LoRA checkpoint of the tiny model (~19 MB, mostly tokenizer.json) fits, two do not."""
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    d = tmp_path / "small_disk"
+    d.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=30m", "tmpfs", str(d)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def test_disk_full_during_a_checkpoint_save(bases, small_data, small_tmpfs, capsys, caplog):
+    import logging
+    import subprocess
+
+    caplog.set_level(logging.INFO)
+
+    from qwen_tune.train.trainer import latest_complete_checkpoint
+
+    out = small_tmpfs / "run"
+    args = overrides(bases["chat"], small_data, out, "lora", "training.max_steps=2", "output.save_steps=1",
+                     "output.save_total_limit=null", "output.resume_from_checkpoint=auto")
+    rc = run_cli("train", "--recipe", "lora", *args)
+    err = capsys.readouterr().err
+    assert rc == 4 and "Traceback" not in err and err.count("error: ") == 1, err[-3000:]
+    line = err[err.index("error: "):].splitlines()[0]  # (after tqdm's last progress bar, on the same line)
+    assert "disk full while saving" in line and f"{out / 'checkpoint-1'}, is intact" in line
+    assert latest_complete_checkpoint(out) == str(out / "checkpoint-1")
+    assert not (out / "checkpoint-2").exists()  # the partial save is gone, not left looking resumable
+    # Space freed: the same command resumes from checkpoint-1 and finishes.
+    subprocess.run(["mount", "-o", "remount,size=120m", str(small_tmpfs)], check=True)
+    assert run_cli("train", "--recipe", "lora", *args) == 0
+    assert "resuming from " + str(out / "checkpoint-1") in caplog.text
+    assert json.loads((out / "train_summary.json").read_text())["steps"] == 2
+    assert latest_complete_checkpoint(out) == str(out / "checkpoint-2")

@@ -25,7 +25,7 @@ from .distributed import (check_combination, fsdp_arguments, init_distributed_fo
                           single_process_group_env, zero3_init_disabled, zero_stage)
 from .methods import apply_method, count_parameters, lora_modules_to_save
 from .quant import prepare_loaded_model, quantization_kwargs, resolve_quantized_precision
-from .trainer import QwenTrainer, latest_complete_checkpoint
+from .trainer import CheckpointSaveError, QwenTrainer, first_line, is_disk_full, latest_complete_checkpoint
 
 log = logging.getLogger("qwen_tune")
 RECIPE_FILE = "qwen_tune_recipe.yaml"
@@ -208,10 +208,17 @@ def run_training(recipe: Recipe, callbacks: list[Any] | None = None) -> RunResul
     elapsed = time.perf_counter() - start
 
     if recipe.output.save_final:
-        trainer.save_model(str(out))
-        if args.should_save:
-            loaded.tokenizer.save_pretrained(str(out))
-            _copy_generation_config(Path(base), out)
+        try:
+            trainer.save_model(str(out))
+            if args.should_save:
+                loaded.tokenizer.save_pretrained(str(out))
+                _copy_generation_config(Path(base), out)
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            raise CheckpointSaveError(f"disk full while saving the final model to {out} ({first_line(e)}); the "
+                                      f"checkpoints in {out} are intact: free space and rerun with "
+                                      "output.resume_from_checkpoint=auto") from None
     summary = _summary(trainer, result, elapsed, trainable, total, window)
     summary["engine"] = engine_info(trainer)
     if args.should_save:

@@ -6,6 +6,7 @@ stock Trainer.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -30,6 +31,30 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class CheckpointSaveError(RuntimeError):
+    """A save that could not finish (disk full): the message says what is intact and how to continue."""
+
+
+_DISK_FULL = ("no space left", "storagefull", "disk quota exceeded", "file write failed")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT however the writer reports it: OSError (json, shutil), torch.save's "file write failed",
+    safetensors' and tokenizers' Rust io errors (plain exceptions carrying the OS message)."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(s in str(seen).lower() for s in _DISK_FULL):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
 
 
 def _manifest(ckpt: Path) -> dict[str, int]:
@@ -196,12 +221,25 @@ class QwenTrainer(Trainer):
         # Rotation waits until the new checkpoint is marked complete: a kill in between must leave one to resume.
         limit = self.args.save_total_limit
         self.args.save_total_limit = None
+        run_dir = self._get_output_dir(trial=trial)
+        ckpt = Path(run_dir) / f"checkpoint-{self.state.global_step}"
         try:
             super()._save_checkpoint(model, trial)
+            self.accelerator.wait_for_everyone()  # every rank's shards are on disk before the marker lists them
+            if self.args.should_save:
+                mark_complete(ckpt, self.state.global_step)
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            if self.args.should_save:
+                remove_checkpoint(ckpt)  # never marked; removing it gives the space back
+            earlier = latest_complete_checkpoint(run_dir)
+            intact = f"the newest complete one, {earlier}, is intact" if earlier else "there is no earlier checkpoint"
+            raise CheckpointSaveError(
+                f"disk full while saving {ckpt} ({first_line(e)}); the partial checkpoint was removed and {intact}: "
+                "free space (or lower output.save_total_limit) and rerun with output.resume_from_checkpoint=auto"
+            ) from None
         finally:
             self.args.save_total_limit = limit
-        self.accelerator.wait_for_everyone()  # every rank's shards are on disk before the marker lists them
         if self.args.should_save:
-            run_dir = self._get_output_dir(trial=trial)
-            mark_complete(Path(run_dir) / f"checkpoint-{self.state.global_step}", self.state.global_step)
             rotate_checkpoints(run_dir, limit, self.state.best_model_checkpoint)
