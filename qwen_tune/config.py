@@ -6,6 +6,7 @@ Errors come back as one readable line per problem; an unknown key names the clos
 from __future__ import annotations
 
 import difflib
+import importlib.resources
 import os
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -15,8 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .constants import DEFAULT_LOSS_CHUNK_SIZE
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-RECIPES_DIR = REPO_ROOT / "recipes"
+REPO_ROOT = Path(__file__).resolve().parent.parent  # the checkout, when running from one
+# Bundled recipes, DeepSpeed configs, model configs and example data are package data, so a wheel install has them.
+# Paths, not Traversables: datasets, DeepSpeed and transformers open them by name (a zipped install is unsupported).
+PACKAGE_DIR = Path(str(importlib.resources.files("qwen_tune")))
+RECIPES_DIR = PACKAGE_DIR / "recipes"
+DS_CONFIGS_DIR = PACKAGE_DIR / "ds_configs"
 
 
 class ConfigError(ValueError):
@@ -185,8 +190,8 @@ class Recipe(_Section):
     @field_validator("deepspeed")
     @classmethod
     def _ds_exists(cls, v: Optional[str]) -> Optional[str]:
-        if v is not None and not Path(v).exists() and (REPO_ROOT / v).exists():
-            return str(REPO_ROOT / v)
+        if v is not None and not Path(v).exists() and (PACKAGE_DIR / v).exists():
+            return str(PACKAGE_DIR / v)
         return v
 
     def to_yaml(self) -> str:
@@ -319,11 +324,11 @@ def recipe_from_dict(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
 
 
 def _resolve_paths(recipe: Recipe, base: Path) -> None:
-    """Relative paths in a bundled recipe point into the repo; the user's cwd wins if the file is there."""
+    """Relative paths resolve against the user's cwd, then the recipe's folder, then the package (bundled files)."""
     def fix(p: Optional[str]) -> Optional[str]:
         if p is None or Path(p).is_absolute() or Path(p).exists():
             return p
-        for root in (base, REPO_ROOT):
+        for root in (base, PACKAGE_DIR, REPO_ROOT):
             if (root / p).exists():
                 return str(root / p)
         return p

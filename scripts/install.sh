@@ -10,7 +10,8 @@
 #
 # Environment:
 #   PYTHON            interpreter to install into (default: python)
-#   EDITABLE=1        pip install -e . (default; recipes/ and ds_configs/ are read from the checkout); 0 = regular
+#   EDITABLE=1        pip install -e . (default); 0 = a regular (wheel) install: recipes, DeepSpeed configs and the
+#                     example data ship inside the package either way
 #   EXTRAS            qwen-tune extras (default: deepspeed,dev for CPU; deepspeed,nf4,liger for --gpu)
 #   TORCH_SPEC        torch to install if none is (default: torch==2.13.0)
 #   TORCH_INDEX_URL   where from (default: https://download.pytorch.org/whl/cpu, or .../cu128 with --gpu)
@@ -88,11 +89,17 @@ if [[ $after != "$before" ]]; then
     echo "install.sh: torch changed from $before to $after -- reinstall torch $before" >&2
     exit 1
 fi
-"$PY" - "$GPU" <<'PYEOF'
+# From / : the installed qwen_tune (a wheel with EDITABLE=0), not the checkout's folder, with its bundled recipes.
+pyabs=$("$PY" -c 'import sys; print(sys.executable)')
+(cd / && "$pyabs" - "$GPU" <<'PYEOF'
 import importlib, importlib.util, sys
 mods = ["qwen_tune", "transformers", "peft", "trl", "accelerate", "deepspeed"]
 for m in mods:
     importlib.import_module(m)
+from qwen_tune.config import DS_CONFIGS_DIR, list_recipes
+if not list_recipes() or not (DS_CONFIGS_DIR / "zero3.json").is_file():
+    sys.exit(f"install.sh: the installed qwen_tune ({importlib.import_module('qwen_tune').__file__}) has no bundled "
+             "recipes / DeepSpeed configs")
 # CUDA-only packages may not import where no GPU driver is visible (a `docker build`): check they are installed.
 gpu_mods = ["flash_attn", "bitsandbytes", "optimum", "gptqmodel", "liger_kernel"] if sys.argv[1] == "1" else []
 missing = [m for m in gpu_mods if importlib.util.find_spec(m) is None]
@@ -102,3 +109,4 @@ import torch
 print(f"install.sh: ok ({', '.join(mods + gpu_mods)}); torch {torch.__version__} unchanged, "
       f"CUDA available: {torch.cuda.is_available()}")
 PYEOF
+)

@@ -144,9 +144,12 @@ def test_mixing_weights_and_eval_split(tmp_path, tokenizer):
                                DatasetSpec(path=write("b.json", 10), weight=0.5)],
                      eval_split_ratio=0.2, cache_dir=str(tmp_path / "c"))
     data = prepare_data(cfg, tokenizer)
-    ids = list(data.train["id"]) + list(data.eval["id"])
-    assert len(ids) == 25 and sum(i.startswith("a.json") for i in ids) == 20
-    assert len(data.eval) == 5
+    eval_ids, train_ids = set(data.eval["id"]), list(data.train["id"])
+    # 20% of the 20 unique records are held out before weighting; the weights apply to the rest.
+    assert len(data.eval) == len(eval_ids) == 4 and not eval_ids & set(train_ids)
+    held_a = sum(i.startswith("a.json") for i in eval_ids)
+    assert sum(i.startswith("a.json") for i in train_ids) == 2 * (10 - held_a)
+    assert len(train_ids) == 2 * (10 - held_a) + round(0.5 * (10 - (4 - held_a)))
 
 
 def test_hf_save_to_disk_dataset_and_streaming_mode(tmp_path, tokenizer):

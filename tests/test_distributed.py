@@ -401,3 +401,52 @@ def test_launcher_scripts(script, env, expect):
     bad = subprocess.run(["bash", f"scripts/{script}", "--bogus"], env=clean | {"DRY_RUN": "1"}, cwd=REPO_ROOT,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown option --bogus" in bad.stderr
+
+
+@pytest.mark.slow
+def test_zero3_as_one_process_without_a_launcher(small, tmp_path):
+    """`qwen-tune train` with a ZeRO-3 recipe and no torchrun: a 1-process group, not an MPI lookup."""
+    out = tmp_path / "z3_single"
+    env = {k: v for k, v in _env().items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    _run([sys.executable, "-m", "qwen_tune.cli.main", "train", "--recipe", "tiny", *COMMON, "lora.r=4",
+          f"model.path={small['base']}", "model.from_config=", f"deepspeed={_ds_config(tmp_path, 'zero3')}",
+          f"output.dir={out}"], tmp_path / "z3_single.log", env=env)
+    summary = _summary(out)
+    assert (summary["engine"]["deepspeed_zero_stage"], summary["engine"]["world_size"]) == (3, 1)
+    assert summary["steps"] == STEPS and summary["tokens_per_s_window"]["from"] == "end of the first step"
+
+
+def _config_only_checkpoint(root: Path, chat: bool) -> Path:
+    """config.json + generation_config.json, no weights: all the up-front checks may read."""
+    root.mkdir()
+    (root / "config.json").write_text(json.dumps(SMALL))
+    eos = [151645, 151643] if chat else 151643
+    (root / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
+    return root
+
+
+@pytest.mark.parametrize("recipe,message", [
+    ("lora_base", "trainable embeddings/lm_head (modules_to_save) is not supported under ZeRO-3"),
+    ("qlora", "Q-LoRA cannot run under ZeRO-3"),
+])
+def test_zero3_refusals_come_before_spawning(recipe, message, tmp_path, capfd):
+    from conftest import run_cli
+
+    base = _config_only_checkpoint(tmp_path / "base", chat=False)
+    rc = run_cli("train", "--nproc", "2", "--recipe", recipe, f"model.path={base}", "deepspeed=ds_configs/zero3.json",
+                 f"output.dir={tmp_path / 'o'}")
+    err = capfd.readouterr().err.strip()
+    assert rc == 2 and message in err and "launching" not in err and "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+
+
+def test_launch_command_uses_this_interpreter_and_a_free_port(monkeypatch):
+    from qwen_tune.cli.train import launch_command
+
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    cmd = launch_command(2, "lora_ds", ["training.lr=1e-4"])
+    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"] and "--standalone" in cmd
+    assert cmd[-4:] == ["train", "--recipe", "lora_ds", "training.lr=1e-4"]
+    monkeypatch.setenv("MASTER_PORT", "31234")
+    assert "--standalone" not in launch_command(2, "lora_ds", []) and "31234" in launch_command(2, "lora_ds", [])

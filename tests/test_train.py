@@ -39,13 +39,16 @@ def small_data(tmp_path_factory):
     return p
 
 
+def overrides(base: Path, data: Path, out: Path, method: str, *extra: str) -> list[str]:
+    return [f"model.path={base}", f"data.path={data}", f"output.dir={out}", f"method={method}",
+            "data.max_len=128", "training.batch_size=2", "training.grad_accum=2", "training.max_steps=6",
+            "training.gradient_checkpointing=true", "training.warmup_ratio=0", "training.weight_decay=0",
+            "output.logging_steps=1", "output.report_to=[]", "output.save_steps=3", "lora.r=8",
+            "lora.dropout=0", *extra]
+
+
 def recipe(base: Path, data: Path, out: Path, method: str, *extra: str):
-    overrides = [f"model.path={base}", f"data.path={data}", f"output.dir={out}", f"method={method}",
-                 "data.max_len=128", "training.batch_size=2", "training.grad_accum=2", "training.max_steps=6",
-                 "training.gradient_checkpointing=true", "training.warmup_ratio=0", "training.weight_decay=0",
-                 "output.logging_steps=1", "output.report_to=[]", "output.save_steps=3", "lora.r=8",
-                 "lora.dropout=0", *extra]
-    return load_recipe("lora", overrides)
+    return load_recipe("lora", overrides(base, data, out, method, *extra))
 
 
 def snapshot(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -139,12 +142,52 @@ def test_resume_reproduces_uninterrupted_losses(bases, small_data, tmp_path):
 
 
 def test_incomplete_checkpoint_is_not_resumed(tmp_path):
+    from qwen_tune.train.trainer import latest_complete_checkpoint, mark_complete
+
+    for step in (2, 4, 6):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"x" * 100)
+        (tmp_path / f"checkpoint-{step}" / "optimizer.pt").write_bytes(b"y" * 100)
+    mark_complete(tmp_path / "checkpoint-2", 2)
+    mark_complete(tmp_path / "checkpoint-4", 4)
+    (tmp_path / "checkpoint-4" / "optimizer.pt").unlink()  # half-deleted: its marker vouches for a missing file
+    (tmp_path / "checkpoint-6" / "qwen_tune_complete").write_text("6")  # a marker that vouches for nothing
+    assert latest_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+    (tmp_path / "checkpoint-2" / "model.safetensors").write_bytes(b"x" * 50)  # truncated after the save
+    assert latest_complete_checkpoint(tmp_path) is None
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs."""
+
+
+def test_kill_during_checkpoint_rotation_leaves_a_resumable_checkpoint(bases, small_data, tmp_path, monkeypatch):
+    import shutil
+
     from qwen_tune.train.trainer import latest_complete_checkpoint
 
-    (tmp_path / "checkpoint-2").mkdir()
-    (tmp_path / "checkpoint-2" / "qwen_tune_complete").write_text("2")
-    (tmp_path / "checkpoint-4").mkdir()  # killed mid-save: no marker
-    assert latest_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+    out = tmp_path / "rot"
+    real_rmtree = shutil.rmtree
+
+    def killed_while_deleting(path, *a, **kw):
+        path = Path(path)
+        if not path.name.startswith("checkpoint-"):
+            return real_rmtree(path, *a, **kw)
+        next(f for f in sorted(path.iterdir()) if f.name != "qwen_tune_complete").unlink()  # half deleted
+        raise _Killed
+
+    monkeypatch.setattr(shutil, "rmtree", killed_while_deleting)
+    with pytest.raises(_Killed):  # at step 4, rotating checkpoint-2 away (save_total_limit=1)
+        run_training(recipe(bases["chat"], small_data, out, "lora", "training.max_steps=4", "output.save_steps=2",
+                            "output.save_total_limit=1"))
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    assert latest_complete_checkpoint(out) == str(out / "checkpoint-4")
+    assert not (out / "checkpoint-2" / "qwen_tune_complete").exists()
+    resumed = run_training(recipe(bases["chat"], small_data, out, "lora", "training.max_steps=5",
+                                  "output.save_steps=2", "output.save_total_limit=1",
+                                  "output.resume_from_checkpoint=auto"))
+    assert resumed.global_step == 5 and sorted(h["step"] for h in resumed.log_history if "loss" in h) == [1, 2, 3, 4, 5]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-5"]
 
 
 @pytest.mark.parametrize("override, expected", [
@@ -193,3 +236,78 @@ def test_nan_loss_stops_before_the_optimizer_step(bases, small_data, tmp_path, c
     assert ckpt == str(out / f"checkpoint-{step - 1}") and not (out / f"checkpoint-{step}").exists()
     weights = load_file(Path(ckpt) / "model.safetensors")
     assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_trained_label_tokens_exclude_evaluation(bases, small_data, tmp_path):
+    common = ["training.max_steps=4", "training.grad_accum=1", "output.save_steps=100"]
+    plain = run_training(recipe(bases["chat"], small_data, tmp_path / "a", "lora", *common))
+    evaluated = run_training(recipe(bases["chat"], small_data, tmp_path / "b", "lora", *common,
+                                    f"data.eval_path={small_data}", "training.eval_steps=1"))
+    assert any("eval_loss" in h for h in evaluated.log_history)
+    got = evaluated.summary["trained_label_tokens_this_session"]
+    assert got == plain.summary["trained_label_tokens_this_session"] > 0
+
+
+def test_tokens_per_s_excludes_the_first_step(bases, small_data, tmp_path):
+    import time
+
+    from transformers import TrainerCallback
+
+    class OneTimeCompile(TrainerCallback):  # what DeepSpeed's op JIT costs on a fresh machine, once
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == 0:
+                time.sleep(4)
+
+    r = run_training(recipe(bases["chat"], small_data, tmp_path / "o", "lora", "training.max_steps=3",
+                            "output.save_steps=100"), callbacks=[OneTimeCompile()])
+    s = r.summary
+    window = s["tokens_per_s_window"]
+    assert window["from"] == "end of the first step" and window["seconds"] <= s["runtime_s"] - 4
+    assert 0 < window["input_tokens"] < s["input_tokens"]
+    assert s["tokens_per_s"] == round(window["input_tokens"] / window["seconds"], 1)
+    assert s["tokens_per_s"] > s["input_tokens"] / s["runtime_s"]
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 30 MB filesystem: one LoRA checkpoint of the tiny model (~19 MB, mostly tokenizer.json) fits, two do not."""
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    d = tmp_path / "small_disk"
+    d.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=30m", "tmpfs", str(d)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def test_disk_full_during_a_checkpoint_save(bases, small_data, small_tmpfs, capsys, caplog):
+    import logging
+    import subprocess
+
+    caplog.set_level(logging.INFO)
+
+    from qwen_tune.train.trainer import latest_complete_checkpoint
+
+    out = small_tmpfs / "run"
+    args = overrides(bases["chat"], small_data, out, "lora", "training.max_steps=2", "output.save_steps=1",
+                     "output.save_total_limit=null", "output.resume_from_checkpoint=auto")
+    rc = run_cli("train", "--recipe", "lora", *args)
+    err = capsys.readouterr().err
+    assert rc == 4 and "Traceback" not in err and err.count("error: ") == 1, err[-3000:]
+    line = err[err.index("error: "):].splitlines()[0]  # (after tqdm's last progress bar, on the same line)
+    assert "disk full while saving" in line and f"{out / 'checkpoint-1'}, is intact" in line
+    assert latest_complete_checkpoint(out) == str(out / "checkpoint-1")
+    assert not (out / "checkpoint-2").exists()  # the partial save is gone, not left looking resumable
+    # Space freed: the same command resumes from checkpoint-1 and finishes.
+    subprocess.run(["mount", "-o", "remount,size=120m", str(small_tmpfs)], check=True)
+    assert run_cli("train", "--recipe", "lora", *args) == 0
+    assert "resuming from " + str(out / "checkpoint-1") in caplog.text
+    assert json.loads((out / "train_summary.json").read_text())["steps"] == 2
+    assert latest_complete_checkpoint(out) == str(out / "checkpoint-2")

@@ -38,12 +38,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
-        from ..train.trainer import NonFiniteLossError
+        from ..train.trainer import CheckpointSaveError, NonFiniteLossError
 
-        if not isinstance(e, NonFiniteLossError):
+        if not isinstance(e, (NonFiniteLossError, CheckpointSaveError)):
             raise
         print(f"error: {e}", file=sys.stderr)
-        return 3
+        return 3 if isinstance(e, NonFiniteLossError) else 4
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 
@@ -30,10 +29,11 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)  # validate before spawning anything
+    from ..train.preflight import check_before_launch
+
     if args.nproc and args.nproc > 1 and "LOCAL_RANK" not in os.environ:
-        torchrun = shutil.which("torchrun") or "torchrun"
-        cmd = [torchrun, "--nproc_per_node", str(args.nproc), "-m", "qwen_tune.cli.main", "train",
-               "--recipe", args.recipe, *args.overrides]
+        check_before_launch(recipe)  # one line here, rather than one per rank plus the launcher's traceback
+        cmd = launch_command(args.nproc, args.recipe, args.overrides)
         print("launching:", " ".join(cmd), file=sys.stderr)
         return subprocess.call(cmd)
     if recipe.stage == "dpo":
@@ -45,6 +45,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         _print_next_steps(recipe, result)
     return 0
+
+
+def launch_command(nproc: int, recipe: str, overrides: list[str]) -> list[str]:
+    """torch's launcher through this interpreter (a venv's qwen-tune called by full path has no torchrun on PATH).
+
+    --standalone rendezvouses on a port the OS picks, so two jobs on one machine never collide on 29500; an
+    explicit MASTER_ADDR/MASTER_PORT in the environment wins.
+    """
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+    if "MASTER_PORT" in os.environ:
+        cmd += ["--master_addr", os.environ.get("MASTER_ADDR", "127.0.0.1"), "--master_port", os.environ["MASTER_PORT"]]
+    else:
+        cmd.append("--standalone")
+    return [*cmd, "-m", "qwen_tune.cli.main", "train", "--recipe", recipe, *overrides]
 
 
 def _print_next_steps(recipe, result) -> None:  # noqa: ANN001

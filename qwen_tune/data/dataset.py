@@ -20,12 +20,12 @@ from typing import Any, Iterable, Iterator
 
 import datasets
 
-from ..config import DataConfig, DatasetSpec
+from ..config import ConfigError, DataConfig, DatasetSpec
 from ..constants import cache_root
 from .formats import Conversation, DataError, RawRecord, detect_file_format, list_data_files, read_records, to_conversation
 from .report import DataReport
 from .chat_template import make_encoder
-from .template import TEMPLATE_VERSION, ChatMLEncoder
+from .template import TEMPLATE_VERSION
 
 log = logging.getLogger(__name__)
 COLUMNS = ["id", "input_ids", "labels", "length"]
@@ -106,6 +106,18 @@ def mix(groups: list[tuple[DatasetSpec, list[Conversation]]], seed: int) -> list
     return out
 
 
+def split_eval(groups: list[tuple[DatasetSpec, list[Conversation]]], ratio: float, seed: int
+               ) -> tuple[list[tuple[DatasetSpec, list[Conversation]]], list[Conversation]]:
+    """Hold out `ratio` of the unique records (before weighting), so no copy of an eval sample is trained on."""
+    pool = [(g, i) for g, (_, convs) in enumerate(groups) for i in range(len(convs))]
+    random.Random(seed).shuffle(pool)
+    n_eval = max(1, math.floor(len(pool) * ratio))
+    held = set(pool[:n_eval])
+    eval_convs = [groups[g][1][i] for g, i in pool[:n_eval]]
+    rest = [(spec, [c for i, c in enumerate(convs) if (g, i) not in held]) for g, (spec, convs) in enumerate(groups)]
+    return rest, eval_convs
+
+
 # ---------------------------------------------------------------- tokenization + cache
 
 def _file_digest(path: Path, h: Any) -> None:
@@ -137,7 +149,8 @@ def cache_key(cfg: DataConfig, tokenizer: Any, seed: int, template: str = "") ->
                 _file_digest(f, h)
     params = dict(v=TEMPLATE_VERSION, tok=tokenizer_fingerprint(tokenizer), max_len=cfg.max_len, mask=cfg.mask,
                   system=cfg.system_prompt, trunc=cfg.truncation, ratio=cfg.eval_split_ratio, seed=seed,
-                  strict=cfg.strict, template=template, template_kwargs=cfg.template_kwargs)
+                  strict=cfg.strict, template=template, template_kwargs=cfg.template_kwargs,
+                  split="unique-before-weight")
     h.update(json.dumps(params, sort_keys=True).encode())
     return h.hexdigest()[:24]
 
@@ -185,10 +198,10 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, seed: int = 42, use_cache: boo
                            template_kwargs=cfg.template_kwargs)
     log.info("data: chat template %s, labels %s", encoder.name, encoder.mask)
     if cfg.streaming:
-        return PreparedData(_streaming_dataset(cfg, encoder), None, [DataReport("train (streaming)", template=encoder.name)])
-    cache_root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+        return _prepare_streaming(cfg, encoder, seed)
+    root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     key = cache_key(cfg, tokenizer, seed, encoder.template_id)
-    cached = cache_root / "tokenized" / key
+    cached = root / "tokenized" / key
     if use_cache and (cached / "done.json").exists():
         meta = json.loads((cached / "done.json").read_text())
         train = datasets.load_from_disk(str(cached / "train"))
@@ -197,18 +210,16 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, seed: int = 42, use_cache: boo
 
     train_report = DataReport("train")
     groups = [(s, load_conversations(s, train_report, cfg.strict)) for s in cfg.datasets]
-    train_convs = mix(groups, seed)
     eval_convs: list[Conversation] = []
     reports = [train_report]
     if cfg.eval_datasets:
         eval_report = DataReport("eval")
         reports.append(eval_report)
         eval_convs = mix([(s, load_conversations(s, eval_report, cfg.strict)) for s in cfg.eval_datasets], seed)
-    elif cfg.eval_split_ratio > 0 and len(train_convs) > 1:
-        random.Random(seed).shuffle(train_convs)
-        n_eval = max(1, math.floor(len(train_convs) * cfg.eval_split_ratio))
-        eval_convs, train_convs = train_convs[:n_eval], train_convs[n_eval:]
+    elif cfg.eval_split_ratio > 0 and sum(len(c) for _, c in groups) > 1:
+        groups, eval_convs = split_eval(groups, cfg.eval_split_ratio, seed)
         reports.append(DataReport("eval"))
+    train_convs = mix(groups, seed)
     train = tokenize(train_convs, encoder, train_report, cfg.num_proc)
     eval_ds = tokenize(eval_convs, encoder, reports[1], cfg.num_proc) if len(reports) > 1 else None
     if len(train) == 0:
@@ -240,6 +251,25 @@ def _report_from_dict(d: dict[str, Any]) -> DataReport:
                    Counter(d["skipped"]), Counter(d["dropped"]), d["examples"])
     r.template, r.ignored = d.get("template", ""), Counter(d.get("ignored", {}))
     return r
+
+
+def _prepare_streaming(cfg: DataConfig, encoder: Any, seed: int) -> PreparedData:
+    """Training data read lazily; eval data (small by nature) tokenized up front like in the in-memory mode."""
+    weighted = [f"{s.path} (weight {s.weight:g})" for s in cfg.datasets if s.weight != 1.0]
+    if weighted:
+        # A weight means "this many passes" over a dataset whose length streaming never knows up front.
+        raise ConfigError(f"data.streaming: dataset weights need the in-memory mode: {', '.join(weighted)}; "
+                          "set data.streaming=false or remove the weights")
+    if cfg.eval_split_ratio > 0:
+        raise ConfigError("data.streaming: eval_split_ratio needs the in-memory mode; give the held-out data as "
+                          "data.eval_path (or data.eval_datasets) instead, or set data.streaming=false")
+    reports = [DataReport("train (streaming)", template=encoder.name)]
+    eval_ds = None
+    if cfg.eval_datasets:
+        reports.append(DataReport("eval", template=encoder.name))
+        convs = mix([(s, load_conversations(s, reports[1], cfg.strict)) for s in cfg.eval_datasets], seed)
+        eval_ds = tokenize(convs, encoder, reports[1], cfg.num_proc)
+    return PreparedData(_streaming_dataset(cfg, encoder), eval_ds, reports)
 
 
 def _streaming_dataset(cfg: DataConfig, encoder: Any) -> datasets.IterableDataset:

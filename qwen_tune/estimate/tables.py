@@ -3,10 +3,9 @@ the Qwen-1 README, and the recipes that model each of its rows."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from ..config import Recipe, recipe_from_dict
+from ..config import DS_CONFIGS_DIR, Recipe, recipe_from_dict
 
 _QWEN1_COMMON = {"model_type": "qwen", "kv_channels": 128, "no_bias": True, "tie_word_embeddings": False}
 QWEN1_PRESETS: dict[str, dict[str, Any]] = {
@@ -70,7 +69,7 @@ def reference_recipe(model: str, method: str, seq_len: int) -> tuple[Recipe, int
                      "precision": "fp16" if method == "qlora" else "bf16"},
     }
     if ds:
-        data["deepspeed"] = str(Path(__file__).resolve().parents[2] / "ds_configs" / f"{ds}.json")
+        data["deepspeed"] = str(DS_CONFIGS_DIR / f"{ds}.json")
     if method == "qlora":
         data["quantization"] = {"method": "gptq"}
         cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -125,9 +126,28 @@ def quiet_non_main_ranks() -> None:
         logging.getLogger("qwen_tune").setLevel(logging.WARNING)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def single_process_group_env() -> None:
+    """DeepSpeed run as one plain process (no launcher): describe a 1-process group in the environment.
+
+    Without RANK/WORLD_SIZE, deepspeed.init_distributed falls back to MPI discovery (an mpi4py traceback where
+    mpi4py is missing); with them it joins env:// as rank 0 of 1. A free port keeps two such jobs apart.
+    """
+    if any(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
+        return  # a launcher set the group up
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                      MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                      MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
+
+
 def init_distributed_for_cpu() -> None:
     """DeepSpeed on CPU needs a gloo process group before the model exists (ZeRO-3's zero.Init reads it)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if "RANK" not in os.environ:
         return
     import deepspeed
     import torch.distributed as dist

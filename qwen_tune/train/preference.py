@@ -40,8 +40,8 @@ from .distributed import check_combination, init_distributed_for_cpu, quiet_non_
 from .loading import load_model
 from .logprobs import token_logprobs
 from .methods import apply_method, count_parameters
-from .run import (RECIPE_FILE, RunResult, _check_output_dir, _copy_generation_config, _summary, _use_cpu,
-                  engine_info, training_arguments)
+from .run import RECIPE_FILE, RunResult, _check_output_dir, _copy_generation_config, _use_cpu, training_arguments
+from .summary import engine_info, summarize
 from .trainer import QwenTrainer
 
 log = logging.getLogger("qwen_tune")
@@ -216,7 +216,7 @@ def run_preference(recipe: Recipe, callbacks: list[Any] | None = None) -> RunRes
         if args.should_save:
             loaded.tokenizer.save_pretrained(str(out))
             _copy_generation_config(Path(base), out)
-    summary = _summary(trainer, result, elapsed, trainable, total)
+    summary = summarize(trainer, result, elapsed, trainable, total)
     summary["engine"] = engine_info(trainer)
     summary["preference"] = preference_summary(trainer.state.log_history)
     if args.should_save:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import resource
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -22,13 +20,15 @@ from ..models.families import packing_is_exact
 from ..models.loading import build_from_config, resolve_precision
 from ..quant.backend import quantization_kwargs, resolve_quantized_precision
 from ..quant.training import prepare_loaded_model
-from .distributed import (check_combination, fsdp_arguments, init_distributed_for_cpu, quiet_non_main_ranks,
+from .distributed import (fsdp_arguments, init_distributed_for_cpu, quiet_non_main_ranks, single_process_group_env,
                           zero3_init_disabled)
 from .devices import check_visible_devices
 from .loading import LoadedModel, load_model
 from .methods import apply_method, count_parameters
 from .precision import autocast_master_weights, load_dtype, upcast_trainable
-from .trainer import QwenTrainer, latest_complete_checkpoint
+from .preflight import check_before_launch
+from .summary import ThroughputWindow, engine_info, plot_loss_curve, summarize
+from .trainer import CheckpointSaveError, QwenTrainer, first_line, is_disk_full, latest_complete_checkpoint
 
 log = logging.getLogger("qwen_tune")
 RECIPE_FILE = "qwen_tune_recipe.yaml"
@@ -125,29 +125,31 @@ def run_training(recipe: Recipe, callbacks: list[Any] | None = None) -> RunResul
     base, loaded = build_base_model(recipe, args, out)
     data = build_data(recipe, loaded.tokenizer, args, out)
     model, trainable, total = build_trainable_model(recipe, loaded)
-    trainer = build_trainer(recipe, args, model, loaded.tokenizer, data, callbacks)
+    window = ThroughputWindow()
+    trainer = build_trainer(recipe, args, model, loaded.tokenizer, data, [*(callbacks or []), window])
 
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     elapsed = time.perf_counter() - start
 
     summary = save_outputs(recipe, args, trainer, loaded.tokenizer, Path(base), out,
-                           lambda: _summary(trainer, result, elapsed, trainable, total))
+                           lambda: summarize(trainer, result, elapsed, trainable, total, window))
     return RunResult(out, Path(base), trainer.state.global_step, trainer.state.log_history, summary)
 
 
 def setup_run(recipe: Recipe, out: Path) -> str | None:
-    """Refuse what cannot run, settle precision, seed, and start CPU distributed; returns the checkpoint to resume."""
+    """Refuse what cannot run, settle precision and start distributed; returns the checkpoint to resume."""
     quiet_non_main_ranks()
     resume = _check_output_dir(out, recipe)
-    check_combination(recipe)
+    check_before_launch(recipe)
     check_visible_devices(_use_cpu(recipe))
     if recipe.fsdp and _use_cpu(recipe):
         log.warning("fsdp: FSDP needs GPUs; on CPU the Trainer silently trains with plain DDP (no sharding)")
     resolve_quantized_precision(recipe, _use_cpu(recipe))  # GPTQ: bf16 refused, auto -> fp16 (GPU) / fp32 (CPU)
-    set_seed(recipe.training.seed)
-    if recipe.deepspeed and _use_cpu(recipe):
-        init_distributed_for_cpu()
+    if recipe.deepspeed:
+        single_process_group_env()  # ZeRO-3 without a launcher: a 1-process group instead of DeepSpeed's MPI probe
+        if _use_cpu(recipe):
+            init_distributed_for_cpu()
     return resume
 
 
@@ -157,6 +159,9 @@ def build_base_model(recipe: Recipe, args: TrainingArguments, out: Path) -> tupl
     if recipe.model.from_config:
         with args.main_process_first(desc="building the base model"), zero3_init_disabled():
             base = str(build_from_config(recipe.model.from_config, out / "base_model", recipe.model.seed))
+    # Seeded after the base exists: building it draws from the RNG, reusing it does not, and a restarted run
+    # (which finds base_model/) must draw the same LoRA init and dropout masks as the first attempt.
+    set_seed(recipe.training.seed)
     precision = resolve_precision(recipe.training.precision, _use_cpu(recipe))
     dtype = load_dtype(recipe.method, recipe.model.dtype, precision, _master_fp32(recipe))
     loaded = load_model(base, dtype=dtype, attn_implementation=recipe.model.attn_implementation,
@@ -198,7 +203,7 @@ def build_trainable_model(recipe: Recipe, loaded: LoadedModel) -> tuple[torch.nn
 def build_trainer(recipe: Recipe, args: TrainingArguments, model: torch.nn.Module, tokenizer: Any,
                   data: PreparedData, callbacks: list[Any] | None) -> QwenTrainer:
     collator = make_collator(recipe.data.packing, tokenizer.pad_token_id, recipe.data.pad_to_multiple_of,
-                             recipe.model.attn_implementation)
+                             recipe.model.attn_implementation, packing_exact=packing_is_exact(model.config))
     return QwenTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                        data_collator=collator, processing_class=tokenizer, callbacks=callbacks,
                        loss_mode=recipe.training.loss, loss_chunk_size=recipe.training.loss_chunk_size)
@@ -209,10 +214,17 @@ def save_outputs(recipe: Recipe, args: TrainingArguments, trainer: QwenTrainer, 
     """The final model (or adapter) with tokenizer and generation config, then the summary (collective under
     distributed training, so after the save as on every rank) and the loss curve."""
     if recipe.output.save_final:
-        trainer.save_model(str(out))
-        if args.should_save:
-            tokenizer.save_pretrained(str(out))
-            _copy_generation_config(base, out)
+        try:
+            trainer.save_model(str(out))
+            if args.should_save:
+                tokenizer.save_pretrained(str(out))
+                _copy_generation_config(base, out)
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            raise CheckpointSaveError(f"disk full while saving the final model to {out} ({first_line(e)}); the "
+                                      f"checkpoints in {out} are intact: free space and rerun with "
+                                      "output.resume_from_checkpoint=auto") from None
     summary = summarize()
     summary["engine"] = engine_info(trainer)
     if args.should_save:
@@ -225,74 +237,3 @@ def _copy_generation_config(base: Path, out: Path) -> None:
     src = base / "generation_config.json"
     if src.exists() and not (out / "generation_config.json").exists():
         shutil.copy2(src, out / "generation_config.json")
-
-
-def _peak_memory_bytes() -> int:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def _summary(trainer: QwenTrainer, result: Any, elapsed: float, trainable: int, total: int) -> dict[str, Any]:
-    label_tokens = trainer.label_tokens
-    seen = int(trainer.state.num_input_tokens_seen or 0)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        t = torch.tensor([label_tokens], device=trainer.args.device)
-        torch.distributed.all_reduce(t)
-        label_tokens = int(t.item())
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {
-        "steps": trainer.state.global_step,
-        "train_loss": result.training_loss,
-        "first_logged_loss": losses[0] if losses else None,
-        "last_logged_loss": losses[-1] if losses else None,
-        "eval_loss": next((h["eval_loss"] for h in reversed(trainer.state.log_history) if "eval_loss" in h), None),
-        "input_tokens": seen,
-        "trained_label_tokens_this_session": label_tokens,
-        "tokens_per_s": round(seen / elapsed, 1) if elapsed > 0 else None,
-        "runtime_s": round(elapsed, 2),
-        "peak_memory_gb": round(_peak_memory_bytes() / 2**30, 3),
-        "trainable_params": trainable,
-        "total_params": total,
-    }
-
-
-def engine_info(trainer: QwenTrainer) -> dict[str, Any]:
-    """What actually trained: tests and users can check that DeepSpeed/FSDP really ran (not a silent DDP fallback)."""
-    engine = trainer.model_wrapped
-    stage = None
-    if trainer.is_deepspeed_enabled and hasattr(engine, "zero_optimization_stage"):  # a DeepSpeedEngine
-        stage = int(engine.zero_optimization_stage())
-    import torch.distributed.fsdp as fsdp_mod
-
-    fsdp_types = tuple(t for t in (getattr(fsdp_mod, "FullyShardedDataParallel", None),  # FSDP1
-                                   getattr(fsdp_mod, "FSDPModule", None)) if t is not None)  # FSDP2 (fully_shard)
-    fsdp = isinstance(engine, fsdp_types) or any(isinstance(m, fsdp_types) for m in engine.modules())
-    return {"deepspeed_zero_stage": stage, "fsdp": bool(fsdp), "wrapper": type(engine).__name__,
-            "distributed_type": str(trainer.accelerator.distributed_type).rpartition(".")[2],
-            "world_size": trainer.accelerator.num_processes}
-
-
-def plot_loss_curve(history: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
-    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
-    if not train:
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(*zip(*train), label="train loss")
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)

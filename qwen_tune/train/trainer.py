@@ -6,15 +6,20 @@ stock Trainer.
 
 from __future__ import annotations
 
+import errno
 import functools
+import json
+import logging
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import Trainer
+from transformers.trainer_utils import sort_checkpoints
 
 from ..constants import DEFAULT_LOSS_CHUNK_SIZE, IGNORE_INDEX
 from ..models.packing import packed_sample_index
@@ -22,18 +27,94 @@ from .loss import causal_lm_loss
 
 COMPLETE_MARKER = "qwen_tune_complete"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
     pass
 
 
+class CheckpointSaveError(RuntimeError):
+    """A save that could not finish (disk full): the message says what is intact and how to continue."""
+
+
+_DISK_FULL = ("no space left", "storagefull", "disk quota exceeded", "file write failed")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC/EDQUOT however the writer reports it: OSError (json, shutil), torch.save's "file write failed",
+    safetensors' and tokenizers' Rust io errors (plain exceptions carrying the OS message)."""
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(s in str(seen).lower() for s in _DISK_FULL):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+
+
+def _manifest(ckpt: Path) -> dict[str, int]:
+    return {str(p.relative_to(ckpt)): p.stat().st_size for p in sorted(ckpt.rglob("*"))
+            if p.is_file() and not p.name.startswith(COMPLETE_MARKER)}
+
+
+def mark_complete(ckpt: str | os.PathLike, step: int) -> None:
+    """Vouch for a finished save: the marker lists every file with its size, written atomically."""
+    ckpt = Path(ckpt)
+    tmp = ckpt / f"{COMPLETE_MARKER}.tmp"
+    tmp.write_text(json.dumps({"step": step, "files": _manifest(ckpt)}, indent=1))
+    os.replace(tmp, ckpt / COMPLETE_MARKER)
+
+
+def is_complete(ckpt: str | os.PathLike) -> bool:
+    """The marker is there and every file it vouches for is still there with its size (not half-deleted)."""
+    ckpt = Path(ckpt)
+    try:
+        files = json.loads((ckpt / COMPLETE_MARKER).read_text())["files"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return False
+    for name, size in files.items():
+        f = ckpt / name
+        if not f.is_file() or f.stat().st_size != size:
+            log.warning("%s: %s is missing or changed since the checkpoint was saved; not resuming from it", ckpt, name)
+            return False
+    return bool(files)
+
+
+def remove_checkpoint(ckpt: str | os.PathLike) -> None:
+    """Unmark first, so a deletion cut short never leaves a marked, partial checkpoint."""
+    (Path(ckpt) / COMPLETE_MARKER).unlink(missing_ok=True)
+    shutil.rmtree(ckpt, ignore_errors=True)
+
+
+def rotate_checkpoints(output_dir: str | os.PathLike, limit: int | None, best: str | None = None) -> None:
+    """transformers' rotation (keep the newest `limit`, never the latest or the best), deleting unmarked-first."""
+    if not limit or limit <= 0:
+        return
+    ckpts = sort_checkpoints(str(output_dir), use_mtime=False, best_model_checkpoint=best)
+    if not ckpts:
+        return
+    protected = {ckpts[-1], str(Path(best))} if best else {ckpts[-1]}
+    extra = len(ckpts) - max(limit, len(protected))
+    for c in ckpts:
+        if extra <= 0:
+            break
+        if c not in protected:
+            remove_checkpoint(c)
+            extra -= 1
+
+
 def latest_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The newest checkpoint-N whose save finished (a run killed mid-save leaves no marker)."""
+    """The newest checkpoint-N whose save finished and is still whole (a run killed mid-save leaves no marker)."""
     best = None
     for d in Path(output_dir).glob("checkpoint-*"):
         m = _CKPT.match(d.name)
-        if m and (d / COMPLETE_MARKER).exists() and (best is None or int(m.group(1)) > best[0]):
+        if m and (best is None or int(m.group(1)) > best[0]) and is_complete(d):
             best = (int(m.group(1)), d)
     return str(best[1]) if best else None
 
@@ -66,14 +147,13 @@ class QwenTrainer(Trainer):
         # Our loss divides by num_items_in_batch itself; tell the Trainer so it counts label tokens over the
         # whole accumulation window and does not divide by the accumulation steps again.
         self.model_accepts_loss_kwargs = True
-        self.label_tokens = 0  # trained (label) tokens seen by this process
+        self._label_tokens: torch.Tensor | int = 0  # trained label tokens of this process, summed on the device
         self._start = time.perf_counter()
         self._last = (self._start, 0)
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None) -> Any:
         labels = inputs["labels"]
-        self.label_tokens += int((labels[..., 1:] != IGNORE_INDEX).sum())
         inner = _unwrap(self.model)
         if ("position_ids" in inputs and "attention_mask" not in inputs and "cu_seq_lens_q" not in inputs
                 and getattr(inner.config, "_attn_implementation", None) == "sdpa"):
@@ -100,7 +180,14 @@ class QwenTrainer(Trainer):
             loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
+    @property
+    def label_tokens(self) -> int:
+        """Label tokens trained on by this process (evaluation batches excluded); reading it syncs the device."""
+        return int(self._label_tokens)
+
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        # Counted here, not in compute_loss (which evaluation calls too), and kept as a tensor: no sync per step.
+        self._label_tokens = self._label_tokens + (inputs["labels"][..., 1:] != IGNORE_INDEX).sum()
         loss = super().training_step(model, inputs, num_items_in_batch)
         # Checked before the optimizer step, so the weights (and the last checkpoint) stay good.
         if not torch.isfinite(loss).all():
@@ -132,8 +219,28 @@ class QwenTrainer(Trainer):
             model.__dict__.pop("save_pretrained", None)
 
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
-        super()._save_checkpoint(model, trial)
-        self.accelerator.wait_for_everyone()
+        # Rotation waits until the new checkpoint is marked complete: a kill in between must leave one to resume.
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None
+        run_dir = self._get_output_dir(trial=trial)
+        ckpt = Path(run_dir) / f"checkpoint-{self.state.global_step}"
+        try:
+            super()._save_checkpoint(model, trial)
+            self.accelerator.wait_for_everyone()  # every rank's shards are on disk before the marker lists them
+            if self.args.should_save:
+                mark_complete(ckpt, self.state.global_step)
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            if self.args.should_save:
+                remove_checkpoint(ckpt)  # never marked; removing it gives the space back
+            earlier = latest_complete_checkpoint(run_dir)
+            intact = f"the newest complete one, {earlier}, is intact" if earlier else "there is no earlier checkpoint"
+            raise CheckpointSaveError(
+                f"disk full while saving {ckpt} ({first_line(e)}); the partial checkpoint was removed and {intact}: "
+                "free space (or lower output.save_total_limit) and rerun with output.resume_from_checkpoint=auto"
+            ) from None
+        finally:
+            self.args.save_total_limit = limit
         if self.args.should_save:
-            ckpt = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
-            (ckpt / COMPLETE_MARKER).write_text(str(self.state.global_step))
+            rotate_checkpoints(run_dir, limit, self.state.best_model_checkpoint)
