@@ -31,7 +31,7 @@ from ..config import DataConfig, DatasetSpec
 from .dataset import PreparedData, iter_raw_records, mix
 from .formats import Conversation, DataError, RawRecord, to_conversation
 from .report import DataReport
-from .template import IGNORE_INDEX, ChatMLEncoder
+from .template import DEFAULT_SYSTEM, IGNORE_INDEX, ChatMLEncoder
 
 log = logging.getLogger(__name__)
 PairFormat = Literal["trl", "sharegpt", "alpaca"]
@@ -214,9 +214,10 @@ def load_pairs(spec: DatasetSpec, report: DataReport, strict: bool = False) -> l
 class PairEncoder:
     """Pairs -> TRL's tokenized columns (prompt_ids, chosen_ids, rejected_ids) through the SFT template encoder."""
 
-    def __init__(self, tokenizer: Any, max_len: int, default_system: str, truncation: str = "cut") -> None:
+    def __init__(self, tokenizer: Any, max_len: int, default_system: str | None, truncation: str = "cut") -> None:
         # The encoder never truncates here: a pair is cut reply-side below so the prompt stays whole.
-        self.encoder = ChatMLEncoder(tokenizer, 1 << 30, "assistant_only", default_system, "cut")
+        # data.system_prompt None = the template's default system prompt.
+        self.encoder = ChatMLEncoder(tokenizer, 1 << 30, "assistant_only", default_system or DEFAULT_SYSTEM, "cut")
         self.max_len = max_len
         self.truncation = truncation
 
