@@ -66,6 +66,42 @@ def test_pair_layouts_render_with_the_sft_template(tokenizer, tmp_path):
         assert tokenizer.decode(row["prompt_ids"]).endswith("<|im_start|>assistant\n")
 
 
+@pytest.mark.parametrize("family", ["qwen2.5-instruct", "qwen3", "qwen3.5"])
+def test_pairs_render_with_the_checkpoint_chat_template(family, family_dirs, tmp_path):
+    """A Qwen2.5 / Qwen3 / Qwen3.5 checkpoint's pairs are its own template: prompt + reply == apply_chat_template
+    of the whole conversation, and the reply is exactly the last assistant turn's labeled body."""
+    from transformers import AutoTokenizer
+
+    from test_chat_templates import expected_labels
+
+    tok = AutoTokenizer.from_pretrained(family_dirs[family])
+    prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+              {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Name a prime above 10."}]
+    replies = {"chosen": "11 is prime.", "rejected": "12 is prime, surely."}
+    rec = {"prompt": prompt, **{k: [{"role": "assistant", "content": v}] for k, v in replies.items()}}
+    d = prepare_pairs(DataConfig(path=str(write_jsonl(tmp_path / "p.jsonl", [rec])), max_len=512), tok)
+    assert "checkpoint chat_template" in d.reports[0].template
+    row = d.train[0]
+    for side, reply in replies.items():
+        full = tok.apply_chat_template(prompt + [{"role": "assistant", "content": reply}], tokenize=True,
+                                       return_dict=False)
+        assert row["prompt_ids"] + row[f"{side}_ids"] == full, side
+        labels = expected_labels(tok, full)  # oracle: every assistant body, the prompt's earlier one included
+        n = len(row["prompt_ids"])
+        assert labels[n - 1] == -100 and all(t != -100 for t in labels[n:]), side
+        assert tok.decode(row[f"{side}_ids"]).endswith(reply + "<|im_end|>\n")
+    # enable_thinking reaches the template: Qwen3 then renders no empty think block in the last turn.
+    if family == "qwen3":
+        on = tok.decode(row["chosen_ids"])
+        cfg = DataConfig(path=str(tmp_path / "p.jsonl"), max_len=512, enable_thinking=False)
+        off = prepare_pairs(cfg, tok).train[0]
+        assert on.startswith("<think>") and off["prompt_ids"] + off["chosen_ids"] == tok.apply_chat_template(
+            prompt + rec["chosen"], tokenize=True, return_dict=False, enable_thinking=False)
+    # A second prepare reads the on-disk cache (same key: data, tokenizer, template, settings).
+    again = prepare_pairs(DataConfig(path=str(tmp_path / "p.jsonl"), max_len=512), tok)
+    assert again.from_cache and again.train[0] == row and again.reports[0].kept == 1
+
+
 def test_pair_errors_are_located_and_counted(tokenizer, tmp_path):
     ok = {"prompt": "hi", "chosen": "a", "rejected": "b"}
     path = write_jsonl(tmp_path / "bad.jsonl", [
