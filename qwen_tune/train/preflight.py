@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..checkpoint import detect_is_chat
 from ..config import Recipe
 from ..models.families import get_family
-from ..models.loading import detect_is_chat
 from .distributed import check_combination, zero_stage
 from .methods import lora_modules_to_save
 
