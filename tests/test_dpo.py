@@ -272,6 +272,7 @@ def test_dpo_lora_training_raises_the_margin(base, tmp_path, tokenizer, capsys):
     assert list((out / "runs").rglob("events.out.tfevents*"))
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["preference"]["last"]["rewards/margins"] > 0
+    assert summary["trained_label_tokens_this_session"] > 0  # chosen + rejected reply tokens (completion_mask)
     rows = prepare_pairs(DataConfig(path=str(PAIRS), max_len=96), tokenizer).train
     margins = _pair_margins(out, base, rows)
     assert margins.mean() > 0.1 and (margins > 0).float().mean() >= 0.8, margins
@@ -450,11 +451,15 @@ def test_zero3_dpo_lora_matches_single_process(base, tmp_path):
 
     from qwen_tune.train.preference import run_preference
 
+    # 6 pairs = 3 full global batches of 2: an odd last batch would be padded differently on 2 ranks than 1.
+    lines = PAIRS.read_text().splitlines()
+    rec = json.loads(lines[0]) | {"id": "again"}
+    data = write_jsonl(tmp_path / "pairs6.jsonl", [*lines, json.dumps(rec)])
     common = ("training.batch_size=1", "training.max_steps=3", "training.scheduler=constant", "output.save_steps=100",
               "training.gradient_checkpointing=false")
-    single = run_preference(dpo_recipe(base, tmp_path / "one", *common, "training.grad_accum=2"))
+    single = run_preference(dpo_recipe(base, tmp_path / "one", *common, "training.grad_accum=2", data=data))
     out = tmp_path / "z3"
-    _run(_torchrun("--recipe", "dpo_lora_ds3", f"model.path={base}", f"data.path={PAIRS}", f"output.dir={out}",
+    _run(_torchrun("--recipe", "dpo_lora_ds3", f"model.path={base}", f"data.path={data}", f"output.dir={out}",
                    f"deepspeed={_ds_config(tmp_path, 'zero3')}", "data.max_len=96", "training.grad_accum=1",
                    "training.lr=1e-2", "training.warmup_ratio=0", "output.report_to=[]", "lora.r=8", *common),
          tmp_path / "z3.log")
