@@ -322,7 +322,8 @@ def q_bases(tmp_path_factory) -> dict[str, Path]:
     return {"nf4": fp, "gptq": root / "int4"}
 
 
-@pytest.mark.parametrize("quant", ["gptq", "nf4"])
+# NF4 through bitsandbytes' CPU kernels is the slower of the two here (~2 min on a loaded 2-core box): slow-marked.
+@pytest.mark.parametrize("quant", ["gptq", pytest.param("nf4", marks=pytest.mark.slow)])
 def test_qlora_dpo_raises_the_margin_over_the_quantized_base(q_bases, tmp_path, tokenizer, quant):
     """Q-LoRA DPO: the reference is the quantized base with the adapter disabled (step 1 margin exactly 0), the
     preference loss falls and the margin, recomputed on the reloaded quantized base +- adapter, rises."""
