@@ -66,6 +66,42 @@ def test_pair_layouts_render_with_the_sft_template(tokenizer, tmp_path):
         assert tokenizer.decode(row["prompt_ids"]).endswith("<|im_start|>assistant\n")
 
 
+@pytest.mark.parametrize("family", ["qwen2.5-instruct", "qwen3", "qwen3.5"])
+def test_pairs_render_with_the_checkpoint_chat_template(family, family_dirs, tmp_path):
+    """A Qwen2.5 / Qwen3 / Qwen3.5 checkpoint's pairs are its own template: prompt + reply == apply_chat_template
+    of the whole conversation, and the reply is exactly the last assistant turn's labeled body."""
+    from transformers import AutoTokenizer
+
+    from test_chat_templates import expected_labels
+
+    tok = AutoTokenizer.from_pretrained(family_dirs[family])
+    prompt = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+              {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Name a prime above 10."}]
+    replies = {"chosen": "11 is prime.", "rejected": "12 is prime, surely."}
+    rec = {"prompt": prompt, **{k: [{"role": "assistant", "content": v}] for k, v in replies.items()}}
+    d = prepare_pairs(DataConfig(path=str(write_jsonl(tmp_path / "p.jsonl", [rec])), max_len=512), tok)
+    assert "checkpoint chat_template" in d.reports[0].template
+    row = d.train[0]
+    for side, reply in replies.items():
+        full = tok.apply_chat_template(prompt + [{"role": "assistant", "content": reply}], tokenize=True,
+                                       return_dict=False)
+        assert row["prompt_ids"] + row[f"{side}_ids"] == full, side
+        labels = expected_labels(tok, full)  # oracle: every assistant body, the prompt's earlier one included
+        n = len(row["prompt_ids"])
+        assert labels[n - 1] == -100 and all(t != -100 for t in labels[n:]), side
+        assert tok.decode(row[f"{side}_ids"]).endswith(reply + "<|im_end|>\n")
+    # enable_thinking reaches the template: Qwen3 then renders no empty think block in the last turn.
+    if family == "qwen3":
+        on = tok.decode(row["chosen_ids"])
+        cfg = DataConfig(path=str(tmp_path / "p.jsonl"), max_len=512, enable_thinking=False)
+        off = prepare_pairs(cfg, tok).train[0]
+        assert on.startswith("<think>") and off["prompt_ids"] + off["chosen_ids"] == tok.apply_chat_template(
+            prompt + rec["chosen"], tokenize=True, return_dict=False, enable_thinking=False)
+    # A second prepare reads the on-disk cache (same key: data, tokenizer, template, settings).
+    again = prepare_pairs(DataConfig(path=str(tmp_path / "p.jsonl"), max_len=512), tok)
+    assert again.from_cache and again.train[0] == row and again.reports[0].kept == 1
+
+
 def test_pair_errors_are_located_and_counted(tokenizer, tmp_path):
     ok = {"prompt": "hi", "chosen": "a", "rejected": "b"}
     path = write_jsonl(tmp_path / "bad.jsonl", [
@@ -223,7 +259,7 @@ def _pair_margins(model_dir: Path, base: Path, rows) -> torch.Tensor:
                         for r in rows])
 
 
-def test_dpo_lora_training_raises_the_margin(base, tmp_path, tokenizer):
+def test_dpo_lora_training_raises_the_margin(base, tmp_path, tokenizer, capsys):
     from qwen_tune.train.preference import run_preference
 
     out = tmp_path / "out"
@@ -236,12 +272,20 @@ def test_dpo_lora_training_raises_the_margin(base, tmp_path, tokenizer):
     assert list((out / "runs").rglob("events.out.tfevents*"))
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["preference"]["last"]["rewards/margins"] > 0
+    assert summary["trained_label_tokens_this_session"] > 0  # chosen + rejected reply tokens (completion_mask)
     rows = prepare_pairs(DataConfig(path=str(PAIRS), max_len=96), tokenizer).train
     margins = _pair_margins(out, base, rows)
     assert margins.mean() > 0.1 and (margins > 0).float().mean() >= 0.8, margins
     # The result is an ordinary adapter: merge-adapter (which checks merged logits == adapter logits) takes it.
     assert run_cli("merge-adapter", "--adapter", str(out), "--out", str(tmp_path / "merged")) == 0
     assert (tmp_path / "merged" / "config.json").exists()
+    # chat takes it both ways: greedy replies of base + adapter and of the merged model are the same text.
+    capsys.readouterr()
+    replies = []
+    for args in (["--model", str(base), "--adapter", str(out)], ["--model", str(tmp_path / "merged")]):
+        assert run_cli("chat", *args, "-p", "Name a prime above 10.", "--max-new-tokens", "6") == 0
+        replies.append(capsys.readouterr().out.strip())
+    assert replies[0] and replies[0] == replies[1], replies
 
 
 def test_dpo_resume_reproduces_losses(base, tmp_path):
@@ -262,10 +306,69 @@ def test_dpo_resume_reproduces_losses(base, tmp_path):
             assert got[step][k] == pytest.approx(ref[step][k], rel=1e-4, abs=1e-6), (step, k)
 
 
+# ---------------------------------------------------------------- Q-LoRA
+
+@pytest.fixture(scope="module")
+def q_bases(tmp_path_factory) -> dict[str, Path]:
+    """A tiny fp32 checkpoint (NF4 quantizes it on load) and its GPTQ Int4 version made by `qwen-tune quantize`.
+    Linears are multiples of 128 so GPTQ's group size 128 applies as in real models."""
+    root = tmp_path_factory.mktemp("dpo_q")
+    (root / "cfg.json").write_text(json.dumps({**TINY, "hidden_size": 128, "intermediate_size": 256}))
+    fp = build_from_config(root / "cfg.json", root / "fp32", seed=2)
+    calib = root / "calib.json"
+    calib.write_text(json.dumps(json.loads((EXAMPLES / "example.json").read_text())[:8], ensure_ascii=False))
+    assert run_cli("quantize", "--model", str(fp), "--out", str(root / "int4"), "--bits", "4", "--group-size", "128",
+                   "--calib", str(calib), "--samples", "8", "--seq-len", "128", "--no-verify") == 0
+    return {"nf4": fp, "gptq": root / "int4"}
+
+
+# NF4 through bitsandbytes' CPU kernels is the slower of the two here (~2 min on a loaded 2-core box): slow-marked.
+@pytest.mark.parametrize("quant", ["gptq", pytest.param("nf4", marks=pytest.mark.slow)])
+def test_qlora_dpo_raises_the_margin_over_the_quantized_base(q_bases, tmp_path, tokenizer, quant):
+    """Q-LoRA DPO: the reference is the quantized base with the adapter disabled (step 1 margin exactly 0), the
+    preference loss falls and the margin, recomputed on the reloaded quantized base +- adapter, rises."""
+    from qwen_tune.quant.training import load_adapter
+    from qwen_tune.train.loading import load_model
+    from qwen_tune.train.preference import run_preference
+
+    out = tmp_path / quant
+    extra = ["quantization.method=nf4"] if quant == "nf4" else []
+    res = run_preference(dpo_recipe(q_bases[quant], out, "method=qlora", "training.max_steps=6", *extra))
+    logged = [h for h in res.log_history if "rewards/margins" in h]
+    assert logged[0]["rewards/margins"] == 0.0 and logged[0]["loss"] == pytest.approx(0.6931, abs=1e-4)
+    assert logged[-1]["loss"] < logged[0]["loss"] and logged[-1]["rewards/margins"] > 0, logged
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["trainable_params"] < 0.2 * summary["total_params"]
+
+    kw = {"quantization_config": __import__("transformers").BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32)} if quant == "nf4" else {"gptq_backend": "torch"}
+    model = load_adapter(load_model(q_bases[quant], dtype="fp32", **kw).model, out).eval()
+    rows = prepare_pairs(DataConfig(path=str(PAIRS), max_len=96), tokenizer).train
+
+    def logp(prompt, reply):
+        ids = torch.tensor([prompt + reply])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+        return lp[-len(reply):].gather(1, ids[0, -len(reply):, None]).sum()
+
+    def side_margins():
+        return torch.stack([logp(r["prompt_ids"], r["chosen_ids"]) - logp(r["prompt_ids"], r["rejected_ids"])
+                            for r in rows])
+
+    policy = side_margins()
+    with model.disable_adapter():
+        reference = side_margins()
+    margins = policy - reference
+    print(f"\n[DPO Q-LoRA {quant}] losses {[round(h['loss'], 4) for h in logged]}, "
+          f"mean reward margin (logp units) {margins.mean():.3f}")
+    assert margins.mean() > 0 and (margins > 0).float().mean() >= 0.6, margins
+
+
 # ---------------------------------------------------------------- recipes
 
 def test_preference_recipes_validate_with_hints(base, tmp_path):
-    for name in ("dpo_lora", "dpo_full", "simpo_lora", "dpo_lora_ds"):
+    for name in ("dpo_lora", "dpo_full", "simpo_lora", "dpo_lora_ds", "dpo_lora_ds3"):
         r = load_recipe(name, [f"model.path={base}"])
         assert r.stage == "dpo", name
     with pytest.raises(ConfigError, match=r"unknown key `preference.pref_beta`; did you mean `preference.beta`"):
@@ -304,4 +407,73 @@ def test_zero2_dpo_lora_two_processes(base, tmp_path):
     assert (summary["engine"]["deepspeed_zero_stage"], summary["engine"]["world_size"]) == (2, 2)
     assert summary["steps"] == 2 and summary["preference"]["last"]["rewards/margins"] is not None
     adapter = load_file(out / "adapter_model.safetensors")
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in adapter.items()), "LoRA did not train"
+
+
+# ---------------------------------------------------------------- memory estimate
+
+def test_estimate_knows_stage_dpo(base, tmp_path):
+    """stage: dpo costs like SFT with twice the rows (chosen + rejected), unpacked; full DPO with a reference loss
+    adds TRL's frozen reference copy (sharded under ZeRO-3); LoRA's reference is the adapter-disabled base."""
+    from qwen_tune.config import recipe_from_dict
+    from qwen_tune.estimate import QWEN1_PRESETS, estimate_memory
+
+    cfg = QWEN1_PRESETS["qwen-1.8b"]
+
+    def est(stage, method="lora", batch=2, loss="sigmoid", packing=True, gpus=1, ds=None):
+        r = recipe_from_dict({"model": {"from_config": "unused.json", "is_chat": True}, "method": method,
+                              "stage": stage, "preference": {"loss": loss}, "deepspeed": ds,
+                              "data": {"max_len": 1024, "packing": packing},
+                              "training": {"batch_size": batch, "precision": "bf16"}})
+        return estimate_memory(r, gpus=gpus, model_config=cfg)
+
+    sft, dpo = est("sft", batch=4, packing=False), est("dpo")
+    assert dpo.tokens_per_step == sft.tokens_per_step == 4 * 1024
+    assert (dpo.activations, dpo.logits, dpo.weights, dpo.total) == (sft.activations, sft.logits, sft.weights, sft.total)
+    assert any("2 sequences per pair" in n and "adapter-disabled base" in n for n in dpo.notes)
+    full_sft, full_dpo, full_simpo = (est("sft", "full", 4, packing=False), est("dpo", "full"),
+                                      est("dpo", "full", loss="simpo"))
+    n = full_sft.params_total
+    assert full_dpo.weights - full_sft.weights == pytest.approx(n * 2, rel=1e-6)  # a bf16 reference copy
+    assert full_simpo.weights == full_sft.weights and full_dpo.total > full_simpo.total
+    z3 = "ds_configs/zero3.json"
+    z3_sft, z3_dpo = est("sft", "full", 4, packing=False, gpus=4, ds=z3), est("dpo", "full", gpus=4, ds=z3)
+    assert z3_dpo.weights - z3_sft.weights == pytest.approx(n * 2 / 4, rel=1e-6)
+    # The CLI takes a bundled dpo recipe as it is.
+    assert run_cli("estimate", "--recipe", "dpo_lora", f"model.path={base}") == 0
+
+
+@pytest.mark.slow
+def test_zero3_dpo_lora_matches_single_process(base, tmp_path):
+    """ZeRO-3 LoRA DPO on 2 processes (partitioned weights; the reference is the adapter-disabled partitioned base)
+    reproduces one process accumulating the same 2 micro-batches: losses and reward margins per step."""
+    from safetensors.torch import load_file
+    from test_distributed import _ds_config, _run, _torchrun
+
+    from qwen_tune.train.preference import run_preference
+
+    # 6 pairs = 3 full global batches of 2: an odd last batch would be padded differently on 2 ranks than 1.
+    lines = PAIRS.read_text().splitlines()
+    rec = json.loads(lines[0]) | {"id": "again"}
+    data = write_jsonl(tmp_path / "pairs6.jsonl", [*lines, json.dumps(rec)])
+    common = ("training.batch_size=1", "training.max_steps=3", "training.scheduler=constant", "output.save_steps=100",
+              "training.gradient_checkpointing=false")
+    single = run_preference(dpo_recipe(base, tmp_path / "one", *common, "training.grad_accum=2", data=data))
+    out = tmp_path / "z3"
+    _run(_torchrun("--recipe", "dpo_lora_ds3", f"model.path={base}", f"data.path={data}", f"output.dir={out}",
+                   f"deepspeed={_ds_config(tmp_path, 'zero3')}", "data.max_len=96", "training.grad_accum=1",
+                   "training.lr=1e-2", "training.warmup_ratio=0", "output.report_to=[]", "lora.r=8", *common),
+         tmp_path / "z3.log")
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert (summary["engine"]["deepspeed_zero_stage"], summary["engine"]["world_size"]) == (3, 2)
+    history = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["log_history"]
+    got = {h["step"]: h for h in history if "rewards/margins" in h}
+    want = {h["step"]: h for h in single.log_history if "rewards/margins" in h}
+    assert sorted(got) == sorted(want) == [1, 2, 3] and got[1]["rewards/margins"] == 0.0
+    for step in (2, 3):
+        assert want[step]["rewards/margins"] != 0.0
+        for k in ("loss", "rewards/margins", "logps/chosen"):
+            assert got[step][k] == pytest.approx(want[step][k], rel=1e-3, abs=1e-5), (step, k)
+    adapter = load_file(out / "adapter_model.safetensors")  # gathered from the ZeRO-3 partitions on save
+    assert adapter and all(v.numel() > 0 for v in adapter.values())
     assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in adapter.items()), "LoRA did not train"

@@ -10,13 +10,17 @@ assistant replies, `chosen` and `rejected`. Accepted layouts (detected per file,
   (a turn object or a string), with optional ``system``;
 * ``alpaca``: LLaMA-Factory's ``instruction`` / ``input`` plus ``chosen`` / ``rejected`` strings.
 
-Each side is rendered by the SFT encoder as the prompt conversation plus that reply (assistant-only labels), and
-split where the reply's labels start: prompt ids, then the reply's ids. The template code stays the single place
-that knows the chat format, so another template plugs in unchanged.
+Each side is rendered by the SFT encoder factory (``make_encoder``: the checkpoint's own chat template for
+Qwen1.5 ... Qwen3.5, Qwen-1's reference ChatML otherwise, with data.template / data.enable_thinking /
+data.chat_template_kwargs) as the prompt conversation plus that reply, with assistant-only labels, and split
+where the reply's labels start: prompt ids, then the reply's ids (so a Qwen3 reply carries the template's
+``<think>`` block of the last turn, as TRL's prompt / completion split of apply_chat_template does). The template
+code stays the single place that knows the chat format. Tokenized pairs are cached on disk like SFT data.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -28,15 +32,17 @@ from typing import Any, Callable, Literal
 import datasets
 
 from ..config import DataConfig, DatasetSpec
-from .dataset import PreparedData, iter_raw_records, mix
+from .chat_template import make_encoder
+from .dataset import PreparedData, _report_from_dict, _save_cache, cache_key, default_cache_dir, iter_raw_records, mix
 from .formats import Conversation, DataError, RawRecord, to_conversation
 from .report import DataReport
-from .template import DEFAULT_SYSTEM, IGNORE_INDEX, ChatMLEncoder
+from .template import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 PairFormat = Literal["trl", "sharegpt", "alpaca"]
 PAIR_FORMATS: tuple[str, ...] = ("trl", "sharegpt", "alpaca")
 PAIR_COLUMNS = ["id", "prompt_ids", "chosen_ids", "rejected_ids", "length"]
+PAIRS_VERSION = "pairs-1"  # bump when the pair rendering changes: part of the cache key
 # SFT format names a user may have set in data.format, read as the pair layout they correspond to.
 _FORMAT_ALIASES = {"openai": "trl", "qwen": "sharegpt"}
 
@@ -214,10 +220,13 @@ def load_pairs(spec: DatasetSpec, report: DataReport, strict: bool = False) -> l
 class PairEncoder:
     """Pairs -> TRL's tokenized columns (prompt_ids, chosen_ids, rejected_ids) through the SFT template encoder."""
 
-    def __init__(self, tokenizer: Any, max_len: int, default_system: str | None, truncation: str = "cut") -> None:
-        # The encoder never truncates here: a pair is cut reply-side below so the prompt stays whole.
-        # data.system_prompt None = the template's default system prompt.
-        self.encoder = ChatMLEncoder(tokenizer, 1 << 30, "assistant_only", default_system or DEFAULT_SYSTEM, "cut")
+    def __init__(self, tokenizer: Any, max_len: int, system_prompt: str | None = None, truncation: str = "cut", *,
+                 template: str = "auto", template_kwargs: dict[str, Any] | None = None) -> None:
+        # The encoder never truncates here: a pair is cut reply-side below so the prompt stays whole. Labels are
+        # always assistant-only: the reply is the last labeled span, whatever data.mask says for SFT.
+        self.encoder = make_encoder(tokenizer, 1 << 30, template=template, mask="assistant_only",
+                                    system_prompt=system_prompt, truncation="cut", template_kwargs=template_kwargs)
+        self.name, self.template_id = self.encoder.name, self.encoder.template_id
         self.max_len = max_len
         self.truncation = truncation
 
@@ -235,8 +244,15 @@ class PairEncoder:
     def encode(self, pairs: list[Pair], report: DataReport) -> list[dict[str, Any]]:
         convs = [c for p in pairs for c in (p.conversation("chosen"), p.conversation("rejected"))]
         encoded = self.encoder.encode(convs)
+        report.template = self.name
         rows = []
         for i, pair in enumerate(pairs):
+            failed = next((e.drop_reason for e in encoded[2 * i: 2 * i + 2] if e.drop_reason), None)
+            if failed:  # the template cannot render one side (template_error / template_mismatch / ...)
+                report.add_drop(failed, f"id={pair.id!r}")
+                continue
+            for e in encoded[2 * i: 2 * i + 2]:
+                report.ignored.update(e.notes)
             sides = []
             for e in encoded[2 * i: 2 * i + 2]:
                 cut = self._split(e.input_ids, e.labels)
@@ -273,13 +289,22 @@ def _to_dataset(rows: list[dict[str, Any]]) -> datasets.Dataset:
     return datasets.Dataset.from_dict({c: [] for c in PAIR_COLUMNS})
 
 
-def prepare_pairs(cfg: DataConfig, tokenizer: Any, seed: int = 42) -> PreparedData:
+def prepare_pairs(cfg: DataConfig, tokenizer: Any, seed: int = 42, use_cache: bool = True) -> PreparedData:
     """Data specs of a dpo recipe -> tokenized pair datasets, with a report of everything skipped or cut."""
     if not cfg.datasets:
         raise DataError("<recipe>", "no_data", "no training data: set data.path or data.datasets")
     if cfg.streaming:
         raise DataError("<recipe>", "unsupported", "data.streaming is not supported for preference pairs")
-    encoder = PairEncoder(tokenizer, cfg.max_len, cfg.system_prompt, cfg.truncation)
+    encoder = PairEncoder(tokenizer, cfg.max_len, cfg.system_prompt, cfg.truncation, template=cfg.template,
+                          template_kwargs=cfg.template_kwargs)
+    log.info("data: preference pairs rendered with %s", encoder.name)
+    root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    cached = root / "tokenized" / cache_key(cfg, tokenizer, seed, f"{PAIRS_VERSION}:{encoder.template_id}")
+    if use_cache and (cached / "done.json").exists():
+        meta = json.loads((cached / "done.json").read_text())
+        train = datasets.load_from_disk(str(cached / "train"))
+        eval_ds = datasets.load_from_disk(str(cached / "eval")) if (cached / "eval").exists() else None
+        return PreparedData(train, eval_ds, [_report_from_dict(r) for r in meta["reports"]], cached, True)
     train_report = DataReport("train")
     train_pairs = mix([(s, load_pairs(s, train_report, cfg.strict)) for s in cfg.datasets], seed)
     reports = [train_report]
@@ -297,4 +322,6 @@ def prepare_pairs(cfg: DataConfig, tokenizer: Any, seed: int = 42) -> PreparedDa
     if len(train) == 0:
         raise DataError(", ".join(s.path for s in cfg.datasets), "no_samples",
                         "no usable preference pair left:\n" + str(train_report))
-    return PreparedData(train, eval_ds, reports)
+    if use_cache:
+        _save_cache(cached, train, eval_ds, reports)
+    return PreparedData(train, eval_ds, reports, cached if use_cache else None, False)

@@ -36,6 +36,7 @@ from ..train.distributed import check_combination
 from ..train.loss import estimate_logits_bytes
 from .activations import activation_parts
 from .inputs import Engine, engine, is_chat, load_model_config, num, quant_method
+from .preference import as_sequences, reference_weights
 from .render import MemoryEstimate
 from .shape import ModelShape
 
@@ -329,10 +330,12 @@ def estimate_memory(recipe: Recipe, gpus: int = 1, model_config: dict[str, Any] 
     shape = ModelShape.from_config(cfg)
     notes: list[str] = list(shape.notes)
     details: dict[str, str] = {}
+    recipe = as_sequences(recipe, notes)  # stage: dpo -> two sequences per pair (see .preference)
 
     e = engine(recipe, gpus, notes)
     tr = _trainable(recipe, shape, cfg, notes)
     w = _weights(recipe, shape, e, tr, details, notes)
+    w.weights += reference_weights(recipe, tr.N, e.p, e.stage_like, e.d, details)
     s = _states(recipe, e, tr, w, reference, details, notes)
     parts, act_stored, act_recompute, T = _activations(recipe, shape, e, w, tr, details)
     logits = _logits(recipe, shape.vocab, T, e, reference, details, notes)

@@ -107,9 +107,11 @@ class QwenDPOTrainer(QwenTrainer, DPOTrainer):
 
         return dataset.map(constants, batched=True, desc=f"reference-free constants ({name})")
 
+    def count_label_tokens(self, inputs: dict[str, Any]) -> torch.Tensor:
+        return inputs["completion_mask"][:, 1:].sum()  # chosen + rejected reply tokens
+
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
-        self.label_tokens += int(inputs["completion_mask"][:, 1:].sum())
         return DPOTrainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
 

@@ -185,9 +185,13 @@ class QwenTrainer(Trainer):
         """Label tokens trained on by this process (evaluation batches excluded); reading it syncs the device."""
         return int(self._label_tokens)
 
+    def count_label_tokens(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """Trained tokens of a batch (a subclass with another batch layout, e.g. preference pairs, overrides it)."""
+        return (inputs["labels"][..., 1:] != IGNORE_INDEX).sum()
+
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         # Counted here, not in compute_loss (which evaluation calls too), and kept as a tensor: no sync per step.
-        self._label_tokens = self._label_tokens + (inputs["labels"][..., 1:] != IGNORE_INDEX).sum()
+        self._label_tokens = self._label_tokens + self.count_label_tokens(inputs)
         loss = super().training_step(model, inputs, num_items_in_batch)
         # Checked before the optimizer step, so the weights (and the last checkpoint) stay good.
         if not torch.isfinite(loss).all():
