@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..constants import DEFAULT_LOSS_CHUNK_SIZE, IGNORE_INDEX
-from .loss_kernel import chunk_ce_sum
+from .loss_kernel import ce_grad_inplace, chunk_ce_sum
 from .loss_zero3 import Zero3HeadCE
 
 __all__ = ["IGNORE_INDEX", "causal_lm_loss", "estimate_logits_bytes", "select_loss_path"]
@@ -177,9 +177,9 @@ class _HeadCEWithGrads(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, rows: torch.Tensor, targets: torch.Tensor, chunk_size: int, lm_head: nn.Module,
-                *params: torch.Tensor) -> torch.Tensor:
+                compile: bool | None, *params: torch.Tensor) -> torch.Tensor:
         need_rows = ctx.needs_input_grad[0]
-        wants = [ctx.needs_input_grad[4 + i] for i in range(len(params))]
+        wants = [ctx.needs_input_grad[5 + i] for i in range(len(params))]
         grad_rows = torch.empty_like(rows) if need_rows else None
         grad_params: list[torch.Tensor | None] = [None] * len(params)
         total = torch.zeros((), dtype=torch.float32, device=rows.device)
@@ -188,23 +188,25 @@ class _HeadCEWithGrads(torch.autograd.Function):
             t = targets[start : start + chunk_size]
             with torch.enable_grad():
                 logits = lm_head(r)
-            lf = logits.detach().float()  # fp32 logits: the same tensor when the head is fp32
-            lse = torch.logsumexp(lf, dim=-1)
-            total += (lse - lf.gather(1, t[:, None]).squeeze(1)).sum()
             wrt = ([r] if need_rows else []) + [p for p, w in zip(params, wants) if w]
             if wrt and logits.requires_grad:
-                # d(sum CE)/d(logits) = softmax - onehot, built in place over the fp32 logits (nothing in a
-                # linear head's backward reads its output, so overwriting it is safe).
-                lf.sub_(lse[:, None]).exp_()
-                lf[torch.arange(t.numel(), device=t.device), t] -= 1.0
-                grads = list(torch.autograd.grad(logits, wrt, grad_outputs=lf.to(logits.dtype), allow_unused=True))
+                # d(sum CE)/d(logits) = softmax - onehot, written over the logits (nothing in a linear head's
+                # backward reads its output, so overwriting it is safe).
+                g = logits.detach()
+                total += ce_grad_inplace(g, t, compile)
+                grads = list(torch.autograd.grad(logits, wrt, grad_outputs=g, allow_unused=True))
                 if need_rows:
                     grad_rows[start : start + chunk_size] = grads.pop(0)
                 for i in (i for i, w in enumerate(wants) if w):
-                    g = grads.pop(0)
-                    if g is not None:
-                        grad_params[i] = g if grad_params[i] is None else grad_params[i].add_(g)
-            del logits, lf, lse
+                    gp = grads.pop(0)
+                    if gp is not None:
+                        grad_params[i] = gp if grad_params[i] is None else grad_params[i].add_(gp)
+                del g
+            else:
+                lf = logits.detach().float()
+                total += (torch.logsumexp(lf, dim=-1) - lf.gather(1, t[:, None]).squeeze(1)).sum()
+                del lf
+            del logits
         ctx.save_for_backward(grad_rows, *grad_params)
         return total
 
@@ -212,7 +214,7 @@ class _HeadCEWithGrads(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grad_rows, *grad_params = ctx.saved_tensors
         scale = (lambda g: None if g is None else g * grad_out.to(g.dtype))
-        return (scale(grad_rows), None, None, None, *map(scale, grad_params))
+        return (scale(grad_rows), None, None, None, None, *map(scale, grad_params))
 
 
 def _recomputed_ce_sum(lm_head: nn.Module, rows: torch.Tensor, targets: torch.Tensor, chunk_size: int,
@@ -260,6 +262,7 @@ def causal_lm_loss(
     chunk_size: int = DEFAULT_LOSS_CHUNK_SIZE,
     use_liger: bool | None = None,
     recompute: bool | None = None,
+    compile: bool | None = None,
 ) -> torch.Tensor:
     """Causal-LM cross entropy from decoder hidden states, without full logits.
 
@@ -279,6 +282,10 @@ def causal_lm_loss(
         recompute: ``True`` forces checkpointed chunks (recomputed in backward),
             ``False`` gradients taken in forward; ``None`` picks recompute only
             for a ZeRO-3 partitioned head (which requires it) and fp16 logits.
+        compile: the gradients-in-forward path's per-chunk softmax/gradient
+            through ``torch.compile`` (fused loops): ``True``, ``False``, or
+            ``None`` for chunks big enough to repay the compile; the env var
+            ``QWEN_TUNE_COMPILE_LOSS=0/1`` overrides it (see loss_kernel.py).
 
     Returns:
         fp32 scalar loss, equal (up to float rounding) to
@@ -327,7 +334,7 @@ def causal_lm_loss(
         if path != "grads_in_forward":
             loss_sum = _recomputed_ce_sum(lm_head, rows, targets, chunk_size, n_chunks, zero3)
         else:
-            loss_sum = _HeadCEWithGrads.apply(rows, targets, chunk_size, lm_head, *head_params)
+            loss_sum = _HeadCEWithGrads.apply(rows, targets, chunk_size, lm_head, compile, *head_params)
         if n_valid == 0:  # only possible with synced (ZeRO-3) empty chunks
             return (hidden_states.sum() * 0).float() + loss_sum * 0
 
