@@ -73,23 +73,23 @@ def _run(kind: str, head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
     return float(loss.detach())
 
 
-def timing(T: int, label_frac: float, chunk: int, repeats: int) -> dict:
+def timing(T: int, label_frac: float, chunk: int, repeats: int, kinds: dict[str, str] = KINDS) -> dict:
     """Best-of-`repeats` wall and CPU seconds of loss + backward per kind, kinds interleaved."""
     head, hidden, labels = _inputs(T, label_frac)
-    wall: dict[str, list[float]] = {k: [] for k in KINDS}
-    cpu: dict[str, list[float]] = {k: [] for k in KINDS}
+    wall: dict[str, list[float]] = {k: [] for k in kinds}
+    cpu: dict[str, list[float]] = {k: [] for k in kinds}
     losses = {}
     _run("causal_lm_loss", head, hidden[:, :256], labels[:, :256], chunk)  # warm-up
     w = time.perf_counter()
     _run("compiled", head, hidden[:, :256], labels[:, :256], chunk)  # the compile (first call)
     first_compile_s = time.perf_counter() - w
     for rep in range(repeats):
-        for k in (list(KINDS) if rep % 2 == 0 else list(KINDS)[::-1]):
+        for k in (list(kinds) if rep % 2 == 0 else list(kinds)[::-1]):
             w, c = time.perf_counter(), time.process_time()
             losses[k] = _run(k, head, hidden, labels, chunk)
             wall[k].append(time.perf_counter() - w)
             cpu[k].append(time.process_time() - c)
-    out = {k: {"wall_s": min(wall[k]), "cpu_s": min(cpu[k]), "loss": losses[k]} for k in KINDS}
+    out = {k: {"wall_s": min(wall[k]), "cpu_s": min(cpu[k]), "loss": losses[k]} for k in kinds}
     out["compiled"]["first_call_s"] = first_compile_s
     return out
 
@@ -114,6 +114,13 @@ def main() -> int:
         return 0
     info = machine_info()
     mem_T, T, chunk = 8192, 4096, 2048
+    # --quick: the fused-loss ratio only (eager, compiled, two matmuls) at 2048 rows, chunk 1024: for a busy box
+    # where the full-logits side's ~10 GB would not fit next to other jobs.
+    kinds = KINDS
+    if "--quick" in sys.argv:
+        T, chunk = 2048, 1024
+        kinds = {k: v for k, v in KINDS.items() if k in ("causal_lm_loss", "compiled", "two_matmuls")}
+        sys.argv.append("--no-rss")
     print(f"peak RSS increase of loss + backward at T={mem_T}, 75 % of rows supervised (a process per kind):")
     rss: dict[str, float | str] = {}
     for kind in ([] if "--no-rss" in sys.argv else KINDS):
@@ -124,10 +131,10 @@ def main() -> int:
         print(f"  {KINDS[kind]:42s} +{rss[kind]} GiB", flush=True)
     print(f"loss + backward: hidden [1, {T}, {H}] -> frozen {V:,}-way head, 75 % of rows supervised, chunk {chunk}; "
           "best of 2, interleaved:", flush=True)
-    r = timing(T, 0.75, chunk, 2)
-    base, mm = r["hf_full_logits"], r["two_matmuls"]
+    r = timing(T, 0.75, chunk, 2, kinds)
+    base, mm = r.get("hf_full_logits", r["causal_lm_loss"]), r["two_matmuls"]
     rows = []
-    for k in KINDS:
+    for k in kinds:
         inc = rss.get(k, "not measured")
         rows.append([KINDS[k], f"{r[k]['wall_s']:.2f}", f"{r[k]['cpu_s']:.2f}",
                      f"{base['cpu_s'] / r[k]['cpu_s']:.2f}x", f"{r[k]['cpu_s'] / mm['cpu_s']:.2f}x",
@@ -146,7 +153,7 @@ def main() -> int:
     head = (f"# LM-head loss alone\n\nMachine: {machine_line(info)}\n\nHidden [1, {T}, {H}] through a frozen "
             f"{V:,}-way head, 75 % of rows supervised, chunk {chunk}; best of 2, interleaved. RSS increase: one "
             f"process per kind at {mem_T} rows.\n")
-    write_results("loss", {"machine": info, "T": T, "mem_T": mem_T, "chunk": chunk, "timing": r, "rss_increase_gib": rss},
+    write_results("loss_quick" if "--quick" in sys.argv else "loss", {"machine": info, "T": T, "mem_T": mem_T, "chunk": chunk, "timing": r, "rss_increase_gib": rss},
                   head + "\n" + md)
     return 0
 
