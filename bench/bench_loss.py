@@ -6,8 +6,12 @@ Hidden states [1, T, 256] go through a frozen 151,936-way head with 75 % of the 
   * ``hf_full_logits``  -- what transformers' loss does: all T rows through the head, fp32 logits, cross_entropy;
   * ``recompute``       -- ``causal_lm_loss(recompute=True)``: supervised rows only, each chunk checkpointed and
                            recomputed in backward (3 head matmuls per row; used under ZeRO-3);
-  * ``causal_lm_loss``  -- the default: supervised rows only, each chunk's gradient taken while its logits
-                           are alive (2 head matmuls per row, one softmax pass).
+  * ``causal_lm_loss``  -- supervised rows only, each chunk's gradient taken while its logits are alive
+                           (2 head matmuls per row), the softmax/gradient passes in eager torch (compile=False);
+  * ``compiled``        -- the same with the per-chunk softmax/gradient through torch.compile (fused loops);
+  * ``two_matmuls``     -- only the two head matmuls per chunk (forward, and the input gradient in backward):
+                           the floor any loss over these rows pays. The target is compiled <= 1.3x this.
+The compiled kind's first call (the compile, inductor's disk cache as found) is timed separately.
 Peak RSS is measured in a fresh process per kind; timing is best of 2, kinds interleaved.
 Correctness (loss and gradients equal to full-logits CE) is covered by tests/test_loss.py.
 """
@@ -31,7 +35,9 @@ from qwen_tune.train.loss import IGNORE_INDEX, causal_lm_loss  # noqa: E402
 V, H = 151936, 256
 KINDS = {"hf_full_logits": "full logits + cross_entropy (reference)",
          "recompute": "causal_lm_loss(recompute=True)",
-         "causal_lm_loss": "causal_lm_loss (default)"}
+         "causal_lm_loss": "causal_lm_loss, eager (compile=False)",
+         "compiled": "causal_lm_loss, compiled (compile=True)",
+         "two_matmuls": "the two head matmuls alone"}
 
 
 def _inputs(T: int, label_frac: float, seed: int = 0):
@@ -51,26 +57,41 @@ def _run(kind: str, head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
         logits = head(h).float()
         shift = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
         loss = F.cross_entropy(logits.view(-1, V), shift.view(-1), ignore_index=IGNORE_INDEX)
+    elif kind == "two_matmuls":
+        shift = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).reshape(-1)
+        rows = h.reshape(-1, H)[shift != IGNORE_INDEX]
+        grads = []
+        for s in range(0, rows.shape[0], chunk):
+            r = rows[s : s + chunk].detach().requires_grad_(True)
+            logits = head(r)
+            grads.append(torch.autograd.grad(logits, r, grad_outputs=logits.detach())[0])
+        loss = rows.sum() * 0 + float("nan")
     else:
-        loss = causal_lm_loss(h, head, labels, chunk_size=chunk, use_liger=False, recompute=kind == "recompute")
+        loss = causal_lm_loss(h, head, labels, chunk_size=chunk, use_liger=False, recompute=kind == "recompute",
+                              compile=kind == "compiled")
     loss.backward()
     return float(loss.detach())
 
 
-def timing(T: int, label_frac: float, chunk: int, repeats: int) -> dict:
+def timing(T: int, label_frac: float, chunk: int, repeats: int, kinds: dict[str, str] = KINDS) -> dict:
     """Best-of-`repeats` wall and CPU seconds of loss + backward per kind, kinds interleaved."""
     head, hidden, labels = _inputs(T, label_frac)
-    wall: dict[str, list[float]] = {k: [] for k in KINDS}
-    cpu: dict[str, list[float]] = {k: [] for k in KINDS}
+    wall: dict[str, list[float]] = {k: [] for k in kinds}
+    cpu: dict[str, list[float]] = {k: [] for k in kinds}
     losses = {}
     _run("causal_lm_loss", head, hidden[:, :256], labels[:, :256], chunk)  # warm-up
+    w = time.perf_counter()
+    _run("compiled", head, hidden[:, :256], labels[:, :256], chunk)  # the compile (first call)
+    first_compile_s = time.perf_counter() - w
     for rep in range(repeats):
-        for k in (list(KINDS) if rep % 2 == 0 else list(KINDS)[::-1]):
+        for k in (list(kinds) if rep % 2 == 0 else list(kinds)[::-1]):
             w, c = time.perf_counter(), time.process_time()
             losses[k] = _run(k, head, hidden, labels, chunk)
             wall[k].append(time.perf_counter() - w)
             cpu[k].append(time.process_time() - c)
-    return {k: {"wall_s": min(wall[k]), "cpu_s": min(cpu[k]), "loss": losses[k]} for k in KINDS}
+    out = {k: {"wall_s": min(wall[k]), "cpu_s": min(cpu[k]), "loss": losses[k]} for k in kinds}
+    out["compiled"]["first_call_s"] = first_compile_s
+    return out
 
 
 def _rss_worker(kind: str, T: int, chunk: int) -> None:
@@ -93,9 +114,16 @@ def main() -> int:
         return 0
     info = machine_info()
     mem_T, T, chunk = 8192, 4096, 2048
+    # --quick: the fused-loss ratio only (eager, compiled, two matmuls) at 2048 rows, chunk 1024: for a busy box
+    # where the full-logits side's ~10 GB would not fit next to other jobs.
+    kinds = KINDS
+    if "--quick" in sys.argv:
+        T, chunk = 2048, 1024
+        kinds = {k: v for k, v in KINDS.items() if k in ("causal_lm_loss", "compiled", "two_matmuls")}
+        sys.argv.append("--no-rss")
     print(f"peak RSS increase of loss + backward at T={mem_T}, 75 % of rows supervised (a process per kind):")
     rss: dict[str, float | str] = {}
-    for kind in KINDS:
+    for kind in ([] if "--no-rss" in sys.argv else KINDS):
         p = subprocess.run([sys.executable, __file__, "--rss-worker", kind, str(mem_T), str(chunk)],
                            capture_output=True, text=True)
         ok = p.returncode == 0 and p.stdout.strip()
@@ -103,21 +131,29 @@ def main() -> int:
         print(f"  {KINDS[kind]:42s} +{rss[kind]} GiB", flush=True)
     print(f"loss + backward: hidden [1, {T}, {H}] -> frozen {V:,}-way head, 75 % of rows supervised, chunk {chunk}; "
           "best of 2, interleaved:", flush=True)
-    r = timing(T, 0.75, chunk, 2)
-    base = r["hf_full_logits"]
+    r = timing(T, 0.75, chunk, 2, kinds)
+    base, mm = r.get("hf_full_logits", r["causal_lm_loss"]), r["two_matmuls"]
     rows = []
-    for k in KINDS:
-        inc = rss[k]
+    for k in kinds:
+        inc = rss.get(k, "not measured")
         rows.append([KINDS[k], f"{r[k]['wall_s']:.2f}", f"{r[k]['cpu_s']:.2f}",
-                     f"{base['cpu_s'] / r[k]['cpu_s']:.2f}x", f"{inc:.2f}" if isinstance(inc, float) else inc,
-                     f"{r[k]['loss']:.6f}"])
-    text, md = table(["loss", "wall s", "CPU s", "speed-up (CPU)", f"RSS increase @ {mem_T} (GiB)", "loss value"],
-                     rows)
+                     f"{base['cpu_s'] / r[k]['cpu_s']:.2f}x", f"{r[k]['cpu_s'] / mm['cpu_s']:.2f}x",
+                     f"{inc:.2f}" if isinstance(inc, float) else inc,
+                     "-" if k == "two_matmuls" else f"{r[k]['loss']:.6f}"])
+    text, md = table(["loss", "wall s", "CPU s", "speed-up (CPU)", "/ two matmuls (CPU)",
+                      f"RSS increase @ {mem_T} (GiB)", "loss value"], rows)
     print(text)
+    ratio = r["compiled"]["cpu_s"] / mm["cpu_s"]
+    tail = (f"compiled loss phase / its two matmuls alone: {ratio:.2f}x by CPU time "
+            f"({r['compiled']['wall_s'] / mm['wall_s']:.2f}x wall; target <= 1.3x); eager: "
+            f"{r['causal_lm_loss']['cpu_s'] / mm['cpu_s']:.2f}x. First compiled call (compile): "
+            f"{r['compiled']['first_call_s']:.1f} s wall.")
+    print(tail)
+    md += "\n\n" + tail
     head = (f"# LM-head loss alone\n\nMachine: {machine_line(info)}\n\nHidden [1, {T}, {H}] through a frozen "
             f"{V:,}-way head, 75 % of rows supervised, chunk {chunk}; best of 2, interleaved. RSS increase: one "
             f"process per kind at {mem_T} rows.\n")
-    write_results("loss", {"machine": info, "T": T, "mem_T": mem_T, "chunk": chunk, "timing": r, "rss_increase_gib": rss},
+    write_results("loss_quick" if "--quick" in sys.argv else "loss", {"machine": info, "T": T, "mem_T": mem_T, "chunk": chunk, "timing": r, "rss_increase_gib": rss},
                   head + "\n" + md)
     return 0
 

@@ -139,11 +139,14 @@ class TrainingConfig(_Section):
     weight_decay: float = 0.1
     adam_beta2: float = 0.95
     max_grad_norm: float = 1.0
-    gradient_checkpointing: bool = True
+    # "auto": on only when the memory estimator says the step would not fit this device without it (decided by
+    # `qwen-tune train`; run_training alone treats an unresolved auto as on); ~30% more compute when on
+    gradient_checkpointing: Union[Literal["auto"], bool] = "auto"
     seed: int = 42
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     loss: Literal["chunked", "plain"] = "chunked"
     loss_chunk_size: int = DEFAULT_LOSS_CHUNK_SIZE  # rows of logits alive at once: 1024 x 151,936 x 4 B = 0.6 GB
+    compile_loss: Optional[bool] = None  # torch.compile'd loss chunk: ~4x less softmax time, one 15-90 s compile; None: big chunks
     freeze: list[str] = Field(default_factory=list)  # full method: parameter name substrings kept frozen
     eval_steps: Optional[int] = None
     dataloader_workers: int = 0

@@ -3,6 +3,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from qwen_tune.train import loss_kernel
 from qwen_tune.train.loss import IGNORE_INDEX, causal_lm_loss, estimate_logits_bytes
 
 ATOL = 1e-5
@@ -51,16 +52,60 @@ def _assert_same(a, b):
         torch.testing.assert_close(pa[k], pb[k], atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("recompute", [False, True], ids=["grads-in-forward", "recompute"])
+@pytest.mark.parametrize("recompute,compile", [(False, False), (False, True), (True, None)],
+                         ids=["grads-in-forward", "grads-in-forward-compiled", "recompute"])
 @pytest.mark.parametrize("chunk_size", [1, 5, 7, 16, 2048])
-def test_matches_full_logits(setup, chunk_size, recompute):
+def test_matches_full_logits(setup, chunk_size, recompute, compile, monkeypatch):
+    monkeypatch.delenv("QWEN_TUNE_COMPILE_LOSS", raising=False)
     head, hidden, labels, _ = setup
     n_valid = int((labels[:, 1:] != IGNORE_INDEX).sum())
     assert n_valid % 5 and n_valid % 7  # chunk sizes that don't divide the row count
     ref = _loss_and_grads(_reference, hidden, head, labels)
     got = _loss_and_grads(causal_lm_loss, hidden, head, labels, chunk_size=chunk_size, use_liger=False,
-                          recompute=recompute)
+                          recompute=recompute, compile=compile)
     _assert_same(got, ref)
+    if compile and chunk_size > 1:  # the compiled kernel really ran (a failed compile would have fallen back to eager)
+        assert loss_kernel._COMPILE_FAILED is None and loss_kernel._COMPILED is not None
+
+
+def test_compiled_chunk_matches_eager_in_bf16_and_fp32():
+    gen = torch.Generator().manual_seed(1)
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = (torch.randn(37, 3001, generator=gen) * 4).to(dtype)
+        t = torch.randint(0, 3001, (37,), generator=gen)
+        a, b = logits.clone(), logits.clone()
+        la = loss_kernel.ce_grad_inplace(a, t, compile=False)
+        lb = loss_kernel.ce_grad_inplace(b, t, compile=True)
+        torch.testing.assert_close(lb, la, atol=1e-4, rtol=1e-6)
+        torch.testing.assert_close(b.float(), a.float(), atol=1e-5 if dtype == torch.float32 else 1e-2, rtol=0)
+        ref = F.cross_entropy(logits.float(), t, reduction="sum")
+        torch.testing.assert_close(lb, ref, atol=1e-4, rtol=1e-6)
+    assert loss_kernel._COMPILE_FAILED is None
+
+
+def test_compile_failure_falls_back_to_eager_with_one_warning(setup, monkeypatch):
+    head, hidden, labels, _ = setup
+
+    def broken(*a, **k):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(loss_kernel, "_COMPILED", None)
+    monkeypatch.setattr(loss_kernel, "_COMPILE_FAILED", None)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: broken)
+    ref = _loss_and_grads(_reference, hidden, head, labels)
+    with pytest.warns(UserWarning, match="torch.compile of the loss chunk failed .*no C\\+\\+ compiler"):
+        got = _loss_and_grads(causal_lm_loss, hidden, head, labels, chunk_size=16, compile=True)
+    _assert_same(got, ref)
+    assert "no C++ compiler" in loss_kernel._COMPILE_FAILED
+
+
+def test_compile_setting_env_override(monkeypatch):
+    monkeypatch.setenv("QWEN_TUNE_COMPILE_LOSS", "0")
+    assert loss_kernel.compile_enabled(True) is False
+    monkeypatch.setenv("QWEN_TUNE_COMPILE_LOSS", "1")
+    assert loss_kernel.compile_enabled(None) is True
+    monkeypatch.delenv("QWEN_TUNE_COMPILE_LOSS")
+    assert loss_kernel.compile_enabled(None) is None and loss_kernel.compile_enabled(False) is False
 
 
 def test_frozen_head_gets_no_grad_and_hidden_grads_match(setup):

@@ -36,6 +36,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         cmd = launch_command(args.nproc, args.recipe, args.overrides)
         print("launching:", " ".join(cmd), file=sys.stderr)
         return subprocess.call(cmd)
+    from .auto_settings import resolve_gradient_checkpointing
+
+    recipe, why = resolve_gradient_checkpointing(recipe)
+    if why and int(os.environ.get("RANK", "0")) == 0:
+        print(why, file=sys.stderr)
     if recipe.stage == "dpo":
         from ..train.preference import run_preference as run
     else:

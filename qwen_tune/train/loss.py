@@ -30,7 +30,7 @@ checkpoint and recomputed during backward:
 
 A *trainable* ZeRO-3 head (full fine-tuning, LoRA on lm_head) must get one
 gradient per backward (DeepSpeed reduces it from a hook on its accumulation),
-not one per chunk: ``_Zero3HeadCE`` gathers it once and accumulates the sum
+not one per chunk: ``loss_zero3.Zero3HeadCE`` gathers it once and accumulates the sum
 (for a head tied to the input embedding, into the embedding's accumulation).
 
 The LM head is always *called as a module* (``lm_head(x)``) so that wrappers
@@ -43,11 +43,10 @@ An optional fused path uses liger-kernel's ``LigerFusedLinearCrossEntropyLoss``
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import warnings
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -55,6 +54,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..constants import DEFAULT_LOSS_CHUNK_SIZE, IGNORE_INDEX
+from .loss_kernel import ce_grad_inplace, chunk_ce_sum
+from .loss_zero3 import Zero3HeadCE
 
 __all__ = ["IGNORE_INDEX", "causal_lm_loss", "estimate_logits_bytes", "select_loss_path"]
 
@@ -107,11 +108,6 @@ def _fp16_logits(hidden: torch.Tensor) -> bool:
         return True
     dev = hidden.device.type
     return torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.float16
-
-
-def _chunk_ce_sum(lm_head: nn.Module, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = lm_head(rows).float()
-    return F.cross_entropy(logits, targets, reduction="sum")
 
 
 @functools.lru_cache(maxsize=1)
@@ -181,9 +177,9 @@ class _HeadCEWithGrads(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, rows: torch.Tensor, targets: torch.Tensor, chunk_size: int, lm_head: nn.Module,
-                *params: torch.Tensor) -> torch.Tensor:
+                compile: bool | None, *params: torch.Tensor) -> torch.Tensor:
         need_rows = ctx.needs_input_grad[0]
-        wants = [ctx.needs_input_grad[4 + i] for i in range(len(params))]
+        wants = [ctx.needs_input_grad[5 + i] for i in range(len(params))]
         grad_rows = torch.empty_like(rows) if need_rows else None
         grad_params: list[torch.Tensor | None] = [None] * len(params)
         total = torch.zeros((), dtype=torch.float32, device=rows.device)
@@ -192,23 +188,25 @@ class _HeadCEWithGrads(torch.autograd.Function):
             t = targets[start : start + chunk_size]
             with torch.enable_grad():
                 logits = lm_head(r)
-            lf = logits.detach().float()  # fp32 logits: the same tensor when the head is fp32
-            lse = torch.logsumexp(lf, dim=-1)
-            total += (lse - lf.gather(1, t[:, None]).squeeze(1)).sum()
             wrt = ([r] if need_rows else []) + [p for p, w in zip(params, wants) if w]
             if wrt and logits.requires_grad:
-                # d(sum CE)/d(logits) = softmax - onehot, built in place over the fp32 logits (nothing in a
-                # linear head's backward reads its output, so overwriting it is safe).
-                lf.sub_(lse[:, None]).exp_()
-                lf[torch.arange(t.numel(), device=t.device), t] -= 1.0
-                grads = list(torch.autograd.grad(logits, wrt, grad_outputs=lf.to(logits.dtype), allow_unused=True))
+                # d(sum CE)/d(logits) = softmax - onehot, written over the logits (nothing in a linear head's
+                # backward reads its output, so overwriting it is safe).
+                g = logits.detach()
+                total += ce_grad_inplace(g, t, compile)
+                grads = list(torch.autograd.grad(logits, wrt, grad_outputs=g, allow_unused=True))
                 if need_rows:
                     grad_rows[start : start + chunk_size] = grads.pop(0)
                 for i in (i for i, w in enumerate(wants) if w):
-                    g = grads.pop(0)
-                    if g is not None:
-                        grad_params[i] = g if grad_params[i] is None else grad_params[i].add_(g)
-            del logits, lf, lse
+                    gp = grads.pop(0)
+                    if gp is not None:
+                        grad_params[i] = gp if grad_params[i] is None else grad_params[i].add_(gp)
+                del g
+            else:
+                lf = logits.detach().float()
+                total += (torch.logsumexp(lf, dim=-1) - lf.gather(1, t[:, None]).squeeze(1)).sum()
+                del lf
+            del logits
         ctx.save_for_backward(grad_rows, *grad_params)
         return total
 
@@ -216,7 +214,7 @@ class _HeadCEWithGrads(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grad_rows, *grad_params = ctx.saved_tensors
         scale = (lambda g: None if g is None else g * grad_out.to(g.dtype))
-        return (scale(grad_rows), None, None, None, *map(scale, grad_params))
+        return (scale(grad_rows), None, None, None, None, *map(scale, grad_params))
 
 
 def _recomputed_ce_sum(lm_head: nn.Module, rows: torch.Tensor, targets: torch.Tensor, chunk_size: int,
@@ -228,128 +226,15 @@ def _recomputed_ce_sum(lm_head: nn.Module, rows: torch.Tensor, targets: torch.Te
         r = rows[i * chunk_size : (i + 1) * chunk_size]
         t = targets[i * chunk_size : (i + 1) * chunk_size]
         if grad and zero3 and not r.requires_grad:
-            part = _chunk_ce_sum(lm_head, r, t)  # a reentrant checkpoint needs an input that requires grad
+            part = chunk_ce_sum(lm_head, r, t)  # a reentrant checkpoint needs an input that requires grad
         elif grad:
             # ZeRO-3 releases lm_head's gathered weight after each call, so a non-reentrant checkpoint would
             # see an empty tensor at recompute; reentrant recomputation re-runs DeepSpeed's gather hooks.
-            part = checkpoint(_chunk_ce_sum, lm_head, r, t, use_reentrant=zero3)
+            part = checkpoint(chunk_ce_sum, lm_head, r, t, use_reentrant=zero3)
         else:
-            part = _chunk_ce_sum(lm_head, r, t)
+            part = chunk_ce_sum(lm_head, r, t)
         loss_sum = part if loss_sum is None else loss_sum + part
     return loss_sum
-
-
-@contextlib.contextmanager
-def _gathered_hook_free(lm_head: nn.Module) -> Iterator[None]:
-    """The ZeRO-3 head's full weights, for several calls, with DeepSpeed's module hooks set aside.
-
-    Those hooks gather before and release after *each* call (and arm backward hooks on its output), so the
-    weights would be gone by the time a gradient is taken from a call's output; GatheredParameters holds them
-    for the whole block instead. One all-gather per block: every rank enters it the same number of times.
-    """
-    import deepspeed  # the head is ZeRO-3 partitioned, so deepspeed is installed
-
-    modules = list(lm_head.modules())
-    names = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
-    saved = [{n: getattr(m, n) for n in names} for m in modules]
-    with deepspeed.zero.GatheredParameters(list(lm_head.parameters()), modifier_rank=None):
-        try:
-            for m in modules:
-                for n in names:
-                    setattr(m, n, type(getattr(m, n))())
-            yield
-        finally:
-            for m, hooks in zip(modules, saved):
-                for n, h in hooks.items():
-                    setattr(m, n, h)
-
-
-# One-shot gradient hooks of tied head weights; a hook cannot remove itself while it runs, so fired ones are
-# removed at the next backward.
-_TIED_HOOKS: list[tuple[Any, list[bool]]] = []
-
-
-def _accumulates_later(p: torch.Tensor) -> bool:
-    """Whether the running backward will still accumulate a gradient into ``p`` (a head tied to the embedding)."""
-    will_run = getattr(torch._C, "_will_engine_execute_node", None)
-    if will_run is None or torch._C._current_graph_task_id() == -1:
-        return False
-    return bool(will_run(p.view_as(p).grad_fn.next_functions[0][0]))  # p's AccumulateGrad node
-
-
-def _add_once(extra: torch.Tensor, fired: list[bool], grad: torch.Tensor) -> torch.Tensor:
-    if fired:
-        return grad
-    fired.append(True)
-    return grad + extra.to(grad.dtype)
-
-
-class _Zero3HeadCE(torch.autograd.Function):
-    """Summed chunked cross entropy for a *trainable* ZeRO-3 partitioned head: one head gradient per backward.
-
-    DeepSpeed stage 3 reduces a parameter's gradient from a hook on its gradient accumulation and expects one
-    accumulation per backward; checkpointed chunks give the head one per chunk (and crash it). Here the forward
-    runs all chunks without grad; the backward gathers the head once, recomputes the chunks (the loss scale
-    applied before any cast to the head's dtype, so fp16 is safe), sums the head's gradients over them and
-    accumulates each parameter's total once, while it is still gathered (a partitioned parameter cannot take a
-    full-size gradient). The parameters are therefore *not* inputs of this node (the outer backward would run
-    their accumulation, and DeepSpeed's hook, a second time); ``anchor``, a throwaway leaf, keeps the node in the
-    graph even when the rows need no gradient.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, rows: torch.Tensor, targets: torch.Tensor, chunk_size: int, lm_head: nn.Module,
-                params: list[torch.Tensor], anchor: torch.Tensor) -> torch.Tensor:
-        ctx.lm_head, ctx.chunk_size, ctx.params = lm_head, chunk_size, params
-        ctx.save_for_backward(rows, targets)
-        total = torch.zeros((), dtype=torch.float32, device=rows.device)
-        with _gathered_hook_free(lm_head), torch.no_grad():
-            for start in range(0, rows.shape[0], chunk_size):
-                total += _chunk_ce_sum(lm_head, rows[start : start + chunk_size], targets[start : start + chunk_size])
-        return total
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        rows, targets = ctx.saved_tensors
-        lm_head, chunk_size, params = ctx.lm_head, ctx.chunk_size, ctx.params
-        for handle, fired in [h for h in _TIED_HOOKS if h[1]]:
-            handle.remove()
-            _TIED_HOOKS.remove((handle, fired))
-        need_rows = ctx.needs_input_grad[0]
-        grad_rows = torch.zeros_like(rows) if need_rows else None
-        with _gathered_hook_free(lm_head), torch.enable_grad():
-            # Zero-filled, not None: every rank must hand DeepSpeed a gradient for every parameter (a collective).
-            grad_params = [torch.zeros_like(p) for p in params]
-            for start in range(0, rows.shape[0], chunk_size):
-                r = rows[start : start + chunk_size].detach().requires_grad_(need_rows)
-                t = targets[start : start + chunk_size]
-                logits = lm_head(r)
-                g = torch.softmax(logits.detach().float(), dim=-1)
-                g[torch.arange(t.numel(), device=t.device), t] -= 1.0
-                g *= grad_out
-                wrt = ([r] if need_rows else []) + list(params)
-                grads = list(torch.autograd.grad(logits, wrt, grad_outputs=g.to(logits.dtype), allow_unused=True))
-                if need_rows:
-                    grad_rows[start : start + chunk_size] = grads.pop(0)
-                for acc, gp in zip(grad_params, grads):
-                    if gp is not None:
-                        acc += gp
-                del logits, g
-            own, own_grads = [], []
-            for p, gp in zip(params, grad_params):
-                if _accumulates_later(p):
-                    # Tied to the input embedding, whose backward accumulates into it later in this backward:
-                    # add the head's share there, so the parameter still accumulates (and is reduced) once.
-                    fired: list[bool] = []
-                    _TIED_HOOKS.append((p.register_hook(functools.partial(_add_once, gp, fired)), fired))
-                else:
-                    own.append(p)
-                    own_grads.append(gp)
-            # A nested backward through a view reaches each parameter's own accumulation node (and DeepSpeed's
-            # hook on it) exactly once, while the parameter is gathered.
-            if own:
-                torch.autograd.backward([p.view_as(p) for p in own], own_grads)
-        return grad_rows, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------- main entry
@@ -377,6 +262,7 @@ def causal_lm_loss(
     chunk_size: int = DEFAULT_LOSS_CHUNK_SIZE,
     use_liger: bool | None = None,
     recompute: bool | None = None,
+    compile: bool | None = None,
 ) -> torch.Tensor:
     """Causal-LM cross entropy from decoder hidden states, without full logits.
 
@@ -396,6 +282,10 @@ def causal_lm_loss(
         recompute: ``True`` forces checkpointed chunks (recomputed in backward),
             ``False`` gradients taken in forward; ``None`` picks recompute only
             for a ZeRO-3 partitioned head (which requires it) and fp16 logits.
+        compile: the gradients-in-forward path's per-chunk softmax/gradient
+            through ``torch.compile`` (fused loops): ``True``, ``False``, or
+            ``None`` for chunks big enough to repay the compile; the env var
+            ``QWEN_TUNE_COMPILE_LOSS=0/1`` overrides it (see loss_kernel.py).
 
     Returns:
         fp32 scalar loss, equal (up to float rounding) to
@@ -427,7 +317,7 @@ def causal_lm_loss(
     if path == "zero3_head":
         # Every rank takes this path, with or without rows: its gathers are collectives.
         anchor = torch.zeros((), device=rows.device, requires_grad=True)
-        loss_sum = _Zero3HeadCE.apply(rows, targets, chunk_size, lm_head, head_params, anchor)
+        loss_sum = Zero3HeadCE.apply(rows, targets, chunk_size, lm_head, head_params, anchor)
         if n_valid == 0:
             return (hidden_states.sum() * 0).float() + loss_sum * 0
     elif n_valid > 0 and path == "liger":
@@ -444,7 +334,7 @@ def causal_lm_loss(
         if path != "grads_in_forward":
             loss_sum = _recomputed_ce_sum(lm_head, rows, targets, chunk_size, n_chunks, zero3)
         else:
-            loss_sum = _HeadCEWithGrads.apply(rows, targets, chunk_size, lm_head, *head_params)
+            loss_sum = _HeadCEWithGrads.apply(rows, targets, chunk_size, lm_head, compile, *head_params)
         if n_valid == 0:  # only possible with synced (ZeRO-3) empty chunks
             return (hidden_states.sum() * 0).float() + loss_sum * 0
 

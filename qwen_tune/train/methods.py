@@ -47,7 +47,7 @@ def lora_modules_to_save(recipe: Recipe, family: Family, is_chat: bool) -> list[
 
 def apply_method(model: PreTrainedModel, recipe: Recipe, family: Family, is_chat: bool) -> torch.nn.Module:
     """Freeze/wrap the model for the recipe's method; returns the model the Trainer trains."""
-    gc = recipe.training.gradient_checkpointing
+    gc = recipe.training.gradient_checkpointing is not False  # an unresolved "auto" (no CLI) is the safe side
     # Training never needs a KV cache, and transformers ignores packed position_ids when one is built.
     model.config.use_cache = False
     if recipe.method == "full":

@@ -63,7 +63,7 @@ def dpo_config(recipe: Recipe, out: Path, has_eval: bool) -> DPOConfig:
         beta=p.beta, loss_type=loss_type, loss_weights=weights,
         max_length=None,  # pairs are already cut to data.max_len (and counted) by data/pairs.py
         precompute_ref_log_probs=p.loss in REFERENCE_FREE,
-        gradient_checkpointing=recipe.training.gradient_checkpointing,
+        gradient_checkpointing=recipe.training.gradient_checkpointing is not False,  # unresolved "auto": on
         gradient_checkpointing_kwargs={"use_reentrant": False},
         dataset_num_proc=recipe.data.num_proc if recipe.data.num_proc > 1 else None,
     )

@@ -206,7 +206,8 @@ def build_trainer(recipe: Recipe, args: TrainingArguments, model: torch.nn.Modul
                              recipe.model.attn_implementation, packing_exact=packing_is_exact(model.config))
     return QwenTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
                        data_collator=collator, processing_class=tokenizer, callbacks=callbacks,
-                       loss_mode=recipe.training.loss, loss_chunk_size=recipe.training.loss_chunk_size)
+                       loss_mode=recipe.training.loss, loss_chunk_size=recipe.training.loss_chunk_size,
+                       compile_loss=recipe.training.compile_loss)
 
 
 def save_outputs(recipe: Recipe, args: TrainingArguments, trainer: QwenTrainer, tokenizer: Any, base: Path,

@@ -140,10 +140,12 @@ def packed_attention_mask(position_ids: torch.Tensor, dtype: torch.dtype) -> tor
 
 
 class QwenTrainer(Trainer):
-    def __init__(self, *args: Any, loss_mode: str = "chunked", loss_chunk_size: int = DEFAULT_LOSS_CHUNK_SIZE, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, loss_mode: str = "chunked", loss_chunk_size: int = DEFAULT_LOSS_CHUNK_SIZE,
+                 compile_loss: bool | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.loss_mode = loss_mode
         self.loss_chunk_size = loss_chunk_size
+        self.compile_loss = compile_loss
         # Our loss divides by num_items_in_batch itself; tell the Trainer so it counts label tokens over the
         # whole accumulation window and does not divide by the accumulation steps again.
         self.model_accepts_loss_kwargs = True
@@ -174,7 +176,8 @@ class QwenTrainer(Trainer):
         finally:
             handle.remove()
         loss = causal_lm_loss(captured["h"], inner.get_output_embeddings(), labels,
-                              num_items_in_batch=num_items_in_batch, chunk_size=self.loss_chunk_size)
+                              num_items_in_batch=num_items_in_batch, chunk_size=self.loss_chunk_size,
+                              compile=self.compile_loss)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch counts every process's tokens, while gradients are averaged across processes.
             loss = loss * self.accelerator.num_processes

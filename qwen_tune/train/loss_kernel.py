@@ -1,0 +1,103 @@
+"""Per-chunk pieces of the chunked LM-head loss (shared by the default and the ZeRO-3 paths).
+
+``ce_grad_inplace`` turns one chunk of logits into its summed cross entropy and, in place, its gradient
+``softmax - onehot``. In eager torch that is five or six full passes over ``rows x 151,936`` floats (amax, the
+exp/sum/log of logsumexp with a full-size temporary, subtract, exp, the one-hot scatter), about 40 % of a
+tiny model's step on CPU. Compiled by inductor it becomes one fused reduction (max, sum of exp) and one fused
+pointwise loop that writes the gradient over the logits; liger-kernel does the same but only on CUDA.
+
+The compiled function is built once per process with ``dynamic=True`` (one graph for every row count and
+vocabulary size; dtypes and devices get their own guard). Compiling costs ~15 s with inductor's disk cache
+warm and a minute or more cold on 2 busy cores, so ``compile=None`` compiles only for chunks big enough that
+the saving repays it within a few steps; ``QWEN_TUNE_COMPILE_LOSS=0`` (or a recipe's
+``training.compile_loss: false``) turns it off and ``=1`` forces it. Any compile failure (no C++ compiler,
+an unsupported backend) warns once and keeps the eager path, which computes the same numbers.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["ce_grad_inplace", "chunk_ce_sum", "compile_enabled", "COMPILE_MIN_ELEMENTS"]
+
+# Chunks under this many logits stay eager when compile is on "auto": ~2^27 floats take ~2 s of eager
+# element-wise work here, so the warm compile is repaid in a handful of chunks, while the tiny models of a
+# test run never pay for a compile at all.
+COMPILE_MIN_ELEMENTS = 1 << 27
+
+_COMPILED: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+_COMPILE_FAILED: str | None = None
+
+
+def chunk_ce_sum(lm_head: nn.Module, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = lm_head(rows).float()
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def _ce_grad(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The fused form: written so inductor emits one reduction and one pointwise loop (no temporaries)."""
+    lf = logits.float()
+    m = lf.amax(1, keepdim=True)
+    lse = (lf - m).exp().sum(1, keepdim=True).log() + m
+    picked = lf.gather(1, targets[:, None])
+    col = torch.arange(lf.shape[1], device=lf.device)[None, :]
+    grad = (lf - lse).exp() - (col == targets[:, None]).to(lf.dtype)
+    logits.copy_(grad.to(logits.dtype))  # an input mutation: inductor stores straight into the logits' buffer
+    return (lse - picked).sum()
+
+
+def _ce_grad_eager(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    lf = logits.float()  # the same tensor when the head is fp32
+    lse = torch.logsumexp(lf, dim=-1)
+    total = (lse - lf.gather(1, targets[:, None]).squeeze(1)).sum()
+    lf.sub_(lse[:, None]).exp_()
+    lf[torch.arange(targets.numel(), device=targets.device), targets] -= 1.0
+    if lf is not logits:
+        logits.copy_(lf)
+    return total
+
+
+def compile_enabled(compile: bool | None) -> bool | None:
+    """The effective setting: the env var ``QWEN_TUNE_COMPILE_LOSS`` (0/1) overrides ``compile``."""
+    env = os.environ.get("QWEN_TUNE_COMPILE_LOSS", "").strip().lower()
+    if env in ("0", "false", "no", "off"):
+        return False
+    if env in ("1", "true", "yes", "on"):
+        return True
+    return compile
+
+
+def _compiled() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    global _COMPILED
+    if _COMPILED is None and _COMPILE_FAILED is None:
+        _COMPILED = torch.compile(_ce_grad, dynamic=True, fullgraph=True)
+    return _COMPILED
+
+
+def ce_grad_inplace(logits: torch.Tensor, targets: torch.Tensor, compile: bool | None = None) -> torch.Tensor:
+    """Summed CE of ``logits`` [n, V] (no grad) against ``targets`` [n]; ``logits`` becomes its gradient.
+
+    Nothing in a linear head's backward (nor LoRA's add) reads the head's output, so the caller may pass the
+    detached logits and then use them as the ``grad_outputs`` of the head. The loss is fp32.
+    """
+    global _COMPILE_FAILED
+    mode = compile_enabled(compile)
+    use = mode is True or (mode is None and logits.numel() >= COMPILE_MIN_ELEMENTS)
+    # Rows 0/1 would each get their own specialised graph (dynamo specialises sizes 0 and 1): not worth one.
+    if use and logits.shape[0] >= 2 and _COMPILE_FAILED is None:
+        fn = _compiled()
+        if fn is not None:
+            try:
+                return fn(logits, targets)
+            except Exception as e:  # noqa: BLE001 - any compiler failure: the eager path gives the same numbers
+                _COMPILE_FAILED = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                warnings.warn(f"causal_lm_loss: torch.compile of the loss chunk failed ({_COMPILE_FAILED}); "
+                              "using the eager path (set QWEN_TUNE_COMPILE_LOSS=0 to skip the attempt)",
+                              stacklevel=2)
+    return _ce_grad_eager(logits, targets)
