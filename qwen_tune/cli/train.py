@@ -36,12 +36,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         cmd = launch_command(args.nproc, args.recipe, args.overrides)
         print("launching:", " ".join(cmd), file=sys.stderr)
         return subprocess.call(cmd)
+    from ..train.run import RunAlreadyFinished
+
     if recipe.stage == "dpo":
         from ..train.preference import run_preference as run
     else:
         from ..train.run import run_training as run
 
-    result = run(recipe)
+    try:
+        result = run(recipe)
+    except RunAlreadyFinished as e:
+        print(e, file=sys.stderr)
+        return 0
+    if getattr(result, "interrupted_by", None) is not None:
+        return 128 + int(result.interrupted_by)  # the shell's convention for "stopped by a signal", after a clean save
     if int(os.environ.get("RANK", "0")) == 0:
         _print_next_steps(recipe, result)
     return 0
