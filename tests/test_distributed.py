@@ -402,7 +402,7 @@ def test_launcher_scripts(script, env, expect):
     assert expect in proc.stderr, proc.stderr
     bad = subprocess.run(["bash", f"scripts/{script}", "--bogus"], env=clean | {"DRY_RUN": "1"}, cwd=REPO_ROOT,
                          capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "unknown option --bogus" in bad.stderr
+    assert bad.returncode == 2 and "unknown finetune.py flag --bogus" in bad.stderr, bad.stderr
 
 
 @pytest.mark.slow

@@ -156,5 +156,3 @@ def test_tokens_per_s_after_resume_counts_only_this_session(inputs, tmp_path):
     assert s["input_tokens_this_session"] == s["input_tokens"] - state["num_input_tokens_seen"] > 0
     # One step trained in this session: the rate's window is this session's tokens only.
     assert s["tokens_per_s_window"]["input_tokens"] == s["input_tokens_this_session"]
-    logged = [h for h in resumed.log_history if "tokens_per_s" in h and h["step"] == 4]
-    assert logged and logged[0]["tokens_per_s"] * s["runtime_s"] <= s["input_tokens_this_session"] * 1.5
