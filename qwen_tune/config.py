@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .constants import DEFAULT_LOSS_CHUNK_SIZE
+from .recipe_paths import resolve_recipe_paths
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # the checkout, when running from one
 # Bundled recipes, DeepSpeed configs, model configs and example data are package data, so a wheel install has them.
@@ -169,6 +170,7 @@ class PreferenceConfig(_Section):
 class OutputConfig(_Section):
     dir: str = "outputs/run"
     save_steps: int = 100
+    save_every_minutes: float = Field(30.0, ge=0)  # also save when this long passed since the last save; 0 = off
     save_total_limit: Optional[int] = 3
     save_final: bool = True
     logging_steps: int = 1
@@ -306,6 +308,13 @@ def find_recipe(name: str | os.PathLike) -> Path:
 
 
 def load_recipe(name: str | os.PathLike, overrides: list[str] | None = None) -> Recipe:
+    """The recipe file with `key.sub=value` overrides, every local path made absolute by one rule:
+
+    a path written in a recipe file is relative to that file's folder, a path given as an override relative to the
+    cwd. Bundled recipes are the exception for output.dir, which is relative to the cwd (outputs never go into the
+    installed package); their model and data paths are the package's own files. A file named like a bundled one
+    (`data_examples/...`, `assets/...`, `ds_configs/...`) that is not found there falls back to the package's copy.
+    """
     path = find_recipe(name)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -313,36 +322,30 @@ def load_recipe(name: str | os.PathLike, overrides: list[str] | None = None) -> 
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping of sections")
-    data = apply_overrides(data, overrides or [])
-    return recipe_from_dict(data, source=str(path))
+    folder = Path(os.path.abspath(path.parent))
+    bundled = folder == Path(os.path.abspath(RECIPES_DIR))
+    resolve_recipe_paths(data, PACKAGE_DIR if bundled else folder, Path.cwd() if bundled else folder)
+    extra = resolve_recipe_paths(apply_overrides({}, overrides or []), Path.cwd(), Path.cwd())
+    return recipe_from_dict(_merge(data, extra), source=str(path), resolve=False)
 
 
-def recipe_from_dict(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
+def _merge(data: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(data.get(k), dict):
+            _merge(data[k], v)
+        else:
+            data[k] = v
+    return data
+
+
+def recipe_from_dict(data: dict[str, Any], source: str = "<recipe>", resolve: bool = True) -> Recipe:
+    """A recipe from a mapping; with `resolve`, its relative paths are taken relative to the cwd."""
+    if resolve:
+        resolve_recipe_paths(data, Path.cwd(), Path.cwd())
     try:
-        recipe = Recipe.model_validate(data)
+        return Recipe.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_errors(e, source)) from None
-    _resolve_paths(recipe, Path(source).parent if Path(source).exists() else Path.cwd())
-    return recipe
-
-
-def _resolve_paths(recipe: Recipe, base: Path) -> None:
-    """Relative paths resolve against the user's cwd, then the recipe's folder, then the package (bundled files)."""
-    def fix(p: Optional[str]) -> Optional[str]:
-        if p is None or Path(p).is_absolute() or Path(p).exists():
-            return p
-        for root in (base, PACKAGE_DIR, REPO_ROOT):
-            if (root / p).exists():
-                return str(root / p)
-        return p
-
-    recipe.model.from_config = fix(recipe.model.from_config)
-    if recipe.deepspeed:
-        recipe.deepspeed = fix(recipe.deepspeed)
-    for spec in recipe.data.datasets + recipe.data.eval_datasets:
-        spec.path = fix(spec.path)
-    if recipe.data.template not in ("auto", "chatml", "checkpoint"):
-        recipe.data.template = fix(recipe.data.template) or recipe.data.template
 
 
 def list_recipes() -> list[tuple[str, str]]:

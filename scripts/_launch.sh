@@ -5,7 +5,8 @@
 # NNODES processes; single: one process on one GPU), then calls `launch "$@"`.
 #
 # Options:      -m/--model PATH   -d/--data PATH   --deepspeed DS_CONFIG_JSON   -h/--help
-#               anything else is passed through as recipe overrides (key.sub=value), e.g. training.lr=1e-5
+#               anything else is passed through as recipe overrides (key.sub=value), e.g. training.lr=1e-5,
+#               or as Qwen's finetune.py flags (--model_max_length 512 --lora_r 8 ...), mapped by `qwen-tune train`
 # Environment:  GPUS_PER_NODE (default: all visible GPUs), NNODES=1, NODE_RANK=0, MASTER_ADDR=localhost,
 #               MASTER_PORT=6001, HOSTFILE (launch every node from here with the deepspeed launcher),
 #               LAUNCHER=torchrun|deepspeed (default: deepspeed when HOSTFILE is set, else torchrun),
@@ -33,7 +34,7 @@ launch() {
                 case $k in --model) model=$v ;; --data) data=$v ;; --deepspeed) ds_config=$v ;; esac ;;
             -h | --help) usage; return 0 ;;
             --) shift; overrides+=("$@"); break ;;
-            -*) echo "$0: unknown option $1 (recipe overrides look like key.sub=value)" >&2; return 2 ;;
+            -*) overrides+=("$1") ;;  # a finetune.py flag: qwen-tune maps it (or names the closest known one)
             *) overrides+=("$1") ;;
         esac
         shift
@@ -43,6 +44,19 @@ launch() {
     [[ -n $model ]] && train+=("model.path=$model")
     [[ -n $data ]] && train+=("data.path=$data")
     [[ -n $ds_config ]] && train+=("deepspeed=$ds_config")
+    local o flags=0
+    for o in "${overrides[@]+"${overrides[@]}"}"; do [[ $o == --* ]] && flags=1; done
+    if [[ $flags == 1 ]]; then
+        # Checked here, so an unknown flag is one line (with the closest known one) before any launcher starts.
+        "$py" -c 'import sys
+from qwen_tune.config import ConfigError
+from qwen_tune.cli.finetune_args import convert
+try:
+    convert(sys.argv[2:])
+except ConfigError as e:
+    sys.exit(f"{sys.argv[1]}: {e}")' "$0" "${overrides[@]}" || return 2
+        train+=(--)
+    fi
     train+=("${overrides[@]+"${overrides[@]}"}")
 
     export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}

@@ -39,7 +39,8 @@ SMALL = {"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 32, "interm
 LOSS_CHUNK = 16
 COMMON = ["method=full", f"training.loss_chunk_size={LOSS_CHUNK}", f"training.max_steps={STEPS}",
           "training.batch_size=1", "training.warmup_ratio=0", "training.weight_decay=0", "data.max_len=256",
-          "output.report_to=[]", "output.logging_steps=1", "output.save_steps=100"]
+          "output.report_to=[]", "output.logging_steps=1", "output.save_steps=100", "training.lr=5e-3",
+          f"data.path={REPO_ROOT / 'qwen_tune' / 'data_examples' / 'example.json'}"]
 LOSS_RTOL = 1e-4  # observed: identical to ~1e-6; summation order differs between 1 and 2 processes
 WEIGHT_ATOL = 1e-3  # observed max |diff| ~1e-4 while 2 Adam steps at lr 5e-3 move each weight by ~1e-2
 
@@ -254,8 +255,9 @@ def test_zero2_lora_through_launcher_script(small, tmp_path):
 @pytest.mark.slow
 def test_zero3_lora_adapter_gathered(small, tmp_path):
     out = tmp_path / "z3_lora"
-    # The tiny recipe's targets include lm_head: a trainable head under ZeRO-3, used in several loss chunks.
+    # LoRA on lm_head too: a trainable head under ZeRO-3, used in several loss chunks.
     _run(_torchrun("--recipe", "tiny", *[o for o in COMMON if o != "method=full"],
+                   "lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head]",
                    f"model.path={small['base']}", "model.from_config=", f"deepspeed={_ds_config(tmp_path, 'zero3')}",
                    f"output.dir={out}"), tmp_path / "z3_lora.log")
     engine = _summary(out)["engine"]
@@ -400,7 +402,7 @@ def test_launcher_scripts(script, env, expect):
     assert expect in proc.stderr, proc.stderr
     bad = subprocess.run(["bash", f"scripts/{script}", "--bogus"], env=clean | {"DRY_RUN": "1"}, cwd=REPO_ROOT,
                          capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "unknown option --bogus" in bad.stderr
+    assert bad.returncode == 2 and "unknown finetune.py flag --bogus" in bad.stderr, bad.stderr
 
 
 @pytest.mark.slow

@@ -15,7 +15,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                        description="Fine-tune from a recipe; trailing key.sub=value items override it.")
     p.add_argument("--recipe", required=True, help="recipe file, or a bundled recipe name (see `qwen-tune recipes`)")
     p.add_argument("--nproc", type=int, default=None, help="launch N processes on this machine through torchrun")
-    p.add_argument("overrides", nargs="*", help="e.g. training.lr=1e-4 output.dir=outputs/x")
+    p.add_argument("overrides", nargs="*", help="e.g. training.lr=1e-4 output.dir=outputs/x; after `--`, Qwen's "
+                   "finetune.py flags too (-- --model_max_length 512 --lora_r 8 ...)")
     p.set_defaults(func=cmd_train)
     r = sub.add_parser("recipes", help="list bundled recipes")
     r.set_defaults(func=cmd_recipes)
@@ -28,6 +29,11 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .finetune_args import convert
+
+    args.overrides, notes = convert(args.overrides)
+    for note in notes:
+        print(note, file=sys.stderr)
     recipe = load_recipe(args.recipe, args.overrides)  # validate before spawning anything
     from ..train.preflight import check_before_launch
 
@@ -41,12 +47,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe, why = resolve_gradient_checkpointing(recipe)
     if why and int(os.environ.get("RANK", "0")) == 0:
         print(why, file=sys.stderr)
+    from ..train.run import RunAlreadyFinished
+
     if recipe.stage == "dpo":
         from ..train.preference import run_preference as run
     else:
         from ..train.run import run_training as run
 
-    result = run(recipe)
+    try:
+        result = run(recipe)
+    except RunAlreadyFinished as e:
+        print(e, file=sys.stderr)
+        return 0
+    if getattr(result, "interrupted_by", None) is not None:
+        return 128 + int(result.interrupted_by)  # the shell's convention for "stopped by a signal", after a clean save
     if int(os.environ.get("RANK", "0")) == 0:
         _print_next_steps(recipe, result)
     return 0

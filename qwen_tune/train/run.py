@@ -23,6 +23,7 @@ from ..quant.training import prepare_loaded_model
 from .distributed import (fsdp_arguments, init_distributed_for_cpu, quiet_non_main_ranks, single_process_group_env,
                           zero3_init_disabled)
 from .devices import check_visible_devices
+from .interrupt import GracefulStop
 from .loading import LoadedModel, load_model
 from .methods import apply_method, count_parameters
 from .precision import autocast_master_weights, load_dtype, upcast_trainable
@@ -41,6 +42,11 @@ class RunResult:
     global_step: int
     log_history: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+    interrupted_by: int | None = None  # the signal that stopped the run early (its checkpoint is saved)
+
+
+class RunAlreadyFinished(ConfigError):
+    """The output dir holds a run that reached its last step: nothing to train (the CLI exits 0)."""
 
 
 def _use_cpu(recipe: Recipe) -> bool:
@@ -50,8 +56,11 @@ def _use_cpu(recipe: Recipe) -> bool:
 def _check_output_dir(out: Path, recipe: Recipe) -> str | None:
     """Returns the checkpoint to resume from; refuses to silently mix two runs in one directory."""
     resume = recipe.output.resume_from_checkpoint
+    if resume == "auto" and recipe.output.overwrite:
+        resume = None  # start over: the old checkpoints are removed below
     if resume == "auto":
         ckpt = latest_complete_checkpoint(out)
+        _refuse_finished(out, ckpt, recipe)
         if ckpt:
             log.info("resuming from %s", ckpt)
         else:
@@ -68,6 +77,23 @@ def _check_output_dir(out: Path, recipe: Recipe) -> str | None:
         for d in out.glob("checkpoint-*"):
             shutil.rmtree(d, ignore_errors=True)
     return None
+
+
+def _refuse_finished(out: Path, ckpt: str | None, recipe: Recipe) -> None:
+    """Resuming a checkpoint at the run's last step would train one step past it (the Trainer re-enters its loop):
+    say the run is done instead."""
+    if not ckpt or not (out / "train_summary.json").is_file():
+        return
+    try:
+        state = json.loads((Path(ckpt) / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return
+    step, planned = int(state.get("global_step", 0)), int(state.get("max_steps", 0))
+    target = recipe.training.max_steps if recipe.training.max_steps > 0 else planned
+    if step >= target > 0:
+        raise RunAlreadyFinished(f"{out} already holds a finished run ({step}/{target} steps): nothing to train. "
+                                 "Raise training.max_steps to train further, or set output.overwrite=true or another "
+                                 "output.dir to start over")
 
 
 def training_arguments(recipe: Recipe, out: Path, has_eval: bool) -> TrainingArguments:
@@ -119,18 +145,35 @@ def run_training(recipe: Recipe, callbacks: list[Any] | None = None) -> RunResul
     resume = setup_run(recipe, out)
     # TrainingArguments come first: under ZeRO-3 they make from_pretrained partition weights on load.
     args = training_arguments(recipe, out, bool(recipe.data.eval_datasets or recipe.data.eval_split_ratio))
-    if args.should_save:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / RECIPE_FILE).write_text(recipe.to_yaml(), encoding="utf-8")
-    base, loaded = build_base_model(recipe, args, out)
-    data = build_data(recipe, loaded.tokenizer, args, out)
-    model, trainable, total = build_trainable_model(recipe, loaded)
-    window = ThroughputWindow()
-    trainer = build_trainer(recipe, args, model, loaded.tokenizer, data, [*(callbacks or []), window])
+    created = not out.exists()
+    try:
+        if args.should_save:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / RECIPE_FILE).write_text(recipe.to_yaml(), encoding="utf-8")
+        base, loaded = build_base_model(recipe, args, out)
+        data = build_data(recipe, loaded.tokenizer, args, out)
+        model, trainable, total = build_trainable_model(recipe, loaded)
+        window = ThroughputWindow()
+        stopper = GracefulStop(recipe.output.save_every_minutes)
+        trainer = build_trainer(recipe, args, model, loaded.tokenizer, data, [*(callbacks or []), window, stopper])
+    except BaseException:
+        if created and args.should_save:  # failed before training: leave no stray output dir behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume)
+    stopper.install()
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    finally:
+        stopper.restore()
     elapsed = time.perf_counter() - start
+    if stopper.stop_signal is not None and trainer.state.global_step < trainer.state.max_steps:
+        ckpt = latest_complete_checkpoint(out)
+        log.warning("stopped at step %d of %d; %s holds its complete checkpoint: rerun the same command to resume "
+                    "(output.resume_from_checkpoint=auto)", trainer.state.global_step, trainer.state.max_steps, ckpt)
+        return RunResult(out, Path(base), trainer.state.global_step, trainer.state.log_history,
+                         interrupted_by=stopper.stop_signal)
 
     summary = save_outputs(recipe, args, trainer, loaded.tokenizer, Path(base), out,
                            lambda: summarize(trainer, result, elapsed, trainable, total, window))
@@ -159,6 +202,9 @@ def build_base_model(recipe: Recipe, args: TrainingArguments, out: Path) -> tupl
     if recipe.model.from_config:
         with args.main_process_first(desc="building the base model"), zero3_init_disabled():
             base = str(build_from_config(recipe.model.from_config, out / "base_model", recipe.model.seed))
+    if Path(base).is_dir():
+        # Absolute, so the adapter_config.json's base_model_name_or_path works from any directory (peft, vLLM).
+        base = str(Path(base).resolve())
     # Seeded after the base exists: building it draws from the RNG, reusing it does not, and a restarted run
     # (which finds base_model/) must draw the same LoRA init and dropout masks as the first attempt.
     set_seed(recipe.training.seed)
@@ -196,8 +242,21 @@ def build_trainable_model(recipe: Recipe, loaded: LoadedModel) -> tuple[torch.nn
     model = apply_method(loaded.model, recipe, loaded.family, loaded.is_chat)
     upcast_trainable(model, _master_fp32(recipe))
     trainable, total = count_parameters(model)
+    _warn_not_servable(model)
     log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / max(total, 1))
     return model, trainable, total
+
+
+def _warn_not_servable(model: torch.nn.Module) -> None:
+    cfg = getattr(model, "peft_config", {}).get("default")
+    if cfg is None:
+        return
+    targets = cfg.target_modules if isinstance(cfg.target_modules, (set, list, tuple)) else [cfg.target_modules]
+    trained = sorted({*(cfg.modules_to_save or []), *(t for t in targets if t and ("lm_head" in t or "embed" in t
+                                                                                      or t == "wte"))})
+    if trained:
+        log.warning("this adapter trains %s: vLLM's LoRA loader refuses it, so run `qwen-tune merge-adapter` before "
+                    "serving with vLLM (transformers and peft load it as is)", ", ".join(trained))
 
 
 def build_trainer(recipe: Recipe, args: TrainingArguments, model: torch.nn.Module, tokenizer: Any,

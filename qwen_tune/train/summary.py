@@ -25,6 +25,10 @@ class ThroughputWindow(TrainerCallback):
     def __init__(self) -> None:
         self.start: tuple[float, int] | None = None
         self.end: tuple[float, int] | None = None
+        self.session_tokens0 = 0  # tokens seen before this session (restored by a resume)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.session_tokens0 = int(state.num_input_tokens_seen or 0)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         mark = (time.perf_counter(), int(state.num_input_tokens_seen or 0))
@@ -52,7 +56,7 @@ def summarize(trainer: QwenTrainer, result: Any, elapsed: float, trainable: int,
         span, tokens = window.end[0] - window.start[0], window.end[1] - window.start[1]
         window_desc = {"from": "end of the first step", "seconds": round(span, 3), "input_tokens": tokens}
     else:
-        span, tokens = elapsed, seen
+        span, tokens = elapsed, seen - (window.session_tokens0 if window else 0)
         window_desc = {"from": "start (one step only: includes warm-up)", "seconds": round(span, 3),
                        "input_tokens": tokens}
     tokens_per_s = round(tokens / span, 1) if span > 0 else None
@@ -62,7 +66,8 @@ def summarize(trainer: QwenTrainer, result: Any, elapsed: float, trainable: int,
         "first_logged_loss": losses[0] if losses else None,
         "last_logged_loss": losses[-1] if losses else None,
         "eval_loss": next((h["eval_loss"] for h in reversed(trainer.state.log_history) if "eval_loss" in h), None),
-        "input_tokens": seen,
+        "input_tokens": seen,  # over the whole run, a resumed one included
+        "input_tokens_this_session": seen - (window.session_tokens0 if window else 0),
         "trained_label_tokens_this_session": label_tokens,
         # After the first optimizer step (see ThroughputWindow); the whole session when it ran only one step.
         "tokens_per_s": tokens_per_s,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import sort_checkpoints
 
 from ..constants import DEFAULT_LOSS_CHUNK_SIZE, IGNORE_INDEX
@@ -139,6 +139,18 @@ def packed_attention_mask(position_ids: torch.Tensor, dtype: torch.dtype) -> tor
         blocked, torch.finfo(dtype).min)[:, None]
 
 
+class _SessionStart(TrainerCallback):
+    """Starts the tokens/s clock when this session's training begins, at the token count a resume restored: the
+    first logged rate must not count the tokens trained before the resume."""
+
+    def __init__(self, trainer: "QwenTrainer") -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        self.trainer._last = (time.perf_counter(), int(state.num_input_tokens_seen or 0))
+        return control
+
+
 class QwenTrainer(Trainer):
     def __init__(self, *args: Any, loss_mode: str = "chunked", loss_chunk_size: int = DEFAULT_LOSS_CHUNK_SIZE,
                  compile_loss: bool | None = None, **kwargs: Any) -> None:
@@ -152,6 +164,7 @@ class QwenTrainer(Trainer):
         self._label_tokens: torch.Tensor | int = 0  # trained label tokens of this process, summed on the device
         self._start = time.perf_counter()
         self._last = (self._start, 0)
+        self.add_callback(_SessionStart(self))
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None) -> Any:
