@@ -163,8 +163,11 @@ def merge_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, ba
 
     # 1-2. the adapter, its full-precision base, and refusals before any work
     adapter = read_adapter(adapter_dir)
-    base = full_precision_base(adapter, resolve_base(adapter, base_dir), notes)
-    out_dtype = dtype or checkpoint_dtype(read_json_object(base / "config.json", str(base / "config.json")))
+    given = resolve_base(adapter, base_dir)
+    # the default is the given checkpoint's dtype (fp16 for a GPTQ one), not that of its fp32 dequantized copy
+    given_dtype = checkpoint_dtype(read_json_object(given / "config.json", str(given / "config.json")))
+    base = full_precision_base(adapter, given, notes)
+    out_dtype = dtype or given_dtype
     check_output(out, overwrite, [base, adapter.path])
     check_disk(out, estimate_output_bytes(base, out_dtype))
     log.info("merging adapter %s into base %s -> %s (%s)", adapter.path, base, out, out_dtype)
