@@ -370,3 +370,51 @@ def test_parse_size() -> None:
     assert parse_size("2GB") == 2 * 10**9 and parse_size("500mb") == 5 * 10**8 and parse_size("1GiB") == 2**30
     with pytest.raises(ConfigError, match="not a size"):
         parse_size("lots")
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path):
+    """An 80 MB filesystem to merge into (the tiny Qwen2 merge needs ~60 MB)."""
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    d = tmp_path / "small_disk"
+    d.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=80m", "tmpfs", str(d)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def test_disk_full_during_merge(qwen2_base: Path, qwen2_adapter: Path, small_tmpfs: Path, monkeypatch: pytest.MonkeyPatch,
+                                capsys: pytest.CaptureFixture) -> None:
+    """The free-space check passes, then another writer fills the disk: the merge fails while writing weights."""
+    import hashlib
+
+    from qwen_tune.export import merge
+
+    def digest(d: Path) -> dict[str, str]:
+        return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(d.iterdir()) if f.is_file()}
+
+    before = digest(qwen2_base), digest(qwen2_adapter)
+    real_check = merge.check_disk
+
+    def check_then_fill(out: Path, needed: int) -> None:
+        real_check(out, needed)
+        free = shutil.disk_usage(small_tmpfs).free
+        (small_tmpfs / "other_writer.bin").write_bytes(b"\0" * (free - 12 * 2**20))  # 12 MB left: the tokenizer fits
+
+    monkeypatch.setattr(merge, "check_disk", check_then_fill)
+    out = small_tmpfs / "merged"
+    rc = run_cli("merge-adapter", "--adapter", str(qwen2_adapter), "--out", str(out))
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    lines = _error_lines(err)
+    assert len(lines) == 1 and "disk full while writing the merged model" in lines[0], err[-2000:]
+    assert sorted(p.name for p in small_tmpfs.iterdir()) == ["other_writer.bin"]  # no output, no build dir
+    assert (digest(qwen2_base), digest(qwen2_adapter)) == before

@@ -55,6 +55,7 @@ from ..config import ConfigError
 from ..constants import TORCH_DTYPES
 from ..data.tokenizer import load_tokenizer
 from ..models import qwen1  # noqa: F401 - registers model_type "qwen" with the Auto classes
+from ..train.trainer import first_line, is_disk_full
 from ..verify import max_abs_diff, probe_batch, probe_logits
 from .adapter import check_disk, dequantized_base, full_precision_base, read_adapter, resolve_base
 from .lora_merge import attach_adapter, cast_parameters, untie_if_diverged
@@ -217,6 +218,13 @@ def merge_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, ba
             "tolerance": result.tolerance, "notes": notes})
         publish(tmp, out)
         published = True
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConfigError(f"disk full while writing the merged model to {out} ({first_line(e)}): nothing was "
+                          f"published, the partial build {tmp.name} was removed, the base and the adapter are "
+                          "untouched; free space (or pick another --out) and run the merge again") from None
     finally:
         if not published and tmp.exists() and not (tmp / FAILED_MARKER).exists():
             shutil.rmtree(tmp, ignore_errors=True)
