@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 from transformers import TrainingArguments, set_seed
 
+from ..checkpoint import save_in_dtype
 from ..config import ConfigError, Recipe
 from ..data.collators import make_collator
 from ..data.dataset import PreparedData, prepare_data
@@ -219,6 +220,7 @@ def save_outputs(recipe: Recipe, args: TrainingArguments, trainer: QwenTrainer, 
             if args.should_save:
                 tokenizer.save_pretrained(str(out))
                 _copy_generation_config(base, out)
+                save_in_dtype(out, base)
         except Exception as e:
             if not is_disk_full(e):
                 raise
