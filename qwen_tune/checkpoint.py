@@ -36,9 +36,9 @@ NEVER_COPY = frozenset({"config.json", "quantize_config.json", ADAPTER_CONFIG, *
                         FAILED_MARKER, DEQUANT_MARKER})
 
 __all__ = ["NEVER_COPY", "WEIGHT_SUFFIXES", "build_dir", "checkpoint_dtype", "copy_extra_files", "detect_is_chat",
-           "generation_config_is_chat", "is_checkpoint", "is_within", "iter_checkpoint_tensors", "publish",
-           "read_json_object", "read_quantization_config", "save_in_dtype", "set_config_dtype", "tensor_shapes", "weight_files",
-           "write_json"]
+           "generation_config_is_chat", "is_checkpoint", "is_within", "iter_checkpoint_tensors", "keep_tokenizer_files",
+           "publish", "read_json_object", "read_quantization_config", "save_in_dtype", "set_config_dtype",
+           "tensor_shapes", "weight_files", "write_json"]
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -220,6 +220,20 @@ def publish(tmp: Path, out: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def keep_tokenizer_files(base: str | os.PathLike, out: str | os.PathLike,
+                         names: Iterable[str] = ("tokenizer_config.json", "chat_template.jinja")) -> list[str]:
+    """Copy the base's tokenizer_config.json / chat_template.jinja over what a tokenizer class re-saved in ``out``,
+    byte for byte: a re-save can drop or rewrite fields (auto_map, the chat template) the checkpoint's own
+    ecosystem reads."""
+    base, out = Path(base), Path(out)
+    kept = []
+    for name in names:
+        if (base / name).is_file() and is_within((base / name).resolve(), link_root(base)):
+            shutil.copyfile(base / name, out / name)
+            kept.append(name)
+    return kept
 
 
 def save_in_dtype(out: str | os.PathLike, base: str | os.PathLike) -> str | None:

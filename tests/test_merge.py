@@ -196,7 +196,8 @@ def test_merge_modules_to_save_bf16_with_adapter_tokenizer(qwen2_base: Path, emb
     assert result.merge_diff <= result.tolerance and result.reload_diff <= result.tolerance
     assert result.max_abs_diff is not None and result.max_abs_diff < 0.1  # bf16 rounding only
     assert "tokenizer_config.json" in result.copied_files and "custom_note.py" in result.copied_files
-    assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 1234
+    # except tokenizer_config.json: the base's, byte for byte (a re-save by the tokenizer class rewrites fields)
+    assert (out / "tokenizer_config.json").read_bytes() == (qwen2_base / "tokenizer_config.json").read_bytes()
 
     config = json.loads((out / "config.json").read_text())
     assert config["dtype"] == config["torch_dtype"] == "bfloat16"
@@ -212,6 +213,9 @@ def test_merge_modules_to_save_bf16_with_adapter_tokenizer(qwen2_base: Path, emb
 def test_merge_qwen1(qwen1_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     adapter = _make_adapter(qwen1_base, tmp_path / "adapter", ["c_attn", "c_proj", "w1", "w2"])
     (adapter / "qwen_tune_recipe.yaml").write_text("model:\n  path: base\nmethod: lora\n")
+    # a tokenizer re-saved next to the adapter, fields rewritten: the merged model keeps the base's file byte for byte
+    (adapter / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "QWenTokenizer",
+                                                                 "model_max_length": 8192}))
     out = tmp_path / "merged"
     rc = run_cli("merge-adapter", "--adapter", str(adapter), "--out", str(out))
     assert rc == 0, capsys.readouterr().err
@@ -227,6 +231,10 @@ def test_merge_qwen1(qwen1_base: Path, tmp_path: Path, capsys: pytest.CaptureFix
     # Fine-tuned on ChatML, the merged model is a chat model: it must stop on <|im_end|>.
     gen = json.loads((out / "generation_config.json").read_text())
     assert gen["chat_format"] == "chatml" and IM_END_ID in gen["eos_token_id"]
+    # ... and Qwen-1's model.chat() needs max_window_size: the chat generation config Qwen-7B-Chat ships
+    assert {k: gen.get(k) for k in ("max_window_size", "max_new_tokens", "top_k", "top_p", "repetition_penalty")} == {
+        "max_window_size": 6144, "max_new_tokens": 512, "top_k": 0, "top_p": 0.8, "repetition_penalty": 1.1}
+    assert (out / "tokenizer_config.json").read_bytes() == (qwen1_base / "tokenizer_config.json").read_bytes()
 
     ids = _ids()
     expected, plain = _adapter_logits(qwen1_base, adapter, ids)

@@ -27,6 +27,12 @@ TOKENIZER_FILES = frozenset({
 _VOCAB_FILES = frozenset({"vocab.json", "merges.txt", "qwen.tiktoken", "tokenizer.model", "vocab.txt"})
 # Any of these in the adapter directory means the training run saved its tokenizer there.
 _TOKENIZER_MARKERS = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "qwen.tiktoken", "tokenizer.model")
+# Qwen-7B-Chat's generation_config.json beyond chat_format and the token ids (its model.chat() needs
+# max_window_size; the sampling values are what the Qwen-1 chat models ship).
+QWEN1_CHAT_GENERATION = {"max_window_size": 6144, "max_new_tokens": 512, "do_sample": True, "top_k": 0, "top_p": 0.8,
+                         "repetition_penalty": 1.1}
+# Kept byte for byte from the base: a tokenizer class re-saving them drops or rewrites fields (auto_map, chat_template).
+KEEP_FROM_BASE = ("tokenizer_config.json", "chat_template.jinja")
 _SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -54,6 +60,8 @@ def copy_files(base: Path, adapter: Path, dest: Path, avoid: list[Path]) -> list
         for name in sorted(TOKENIZER_FILES):
             # transformers 5 saves only tokenizer.json: the base's vocabulary files stay for other loaders.
             src = tok_src / name if (tok_src / name).is_file() else base / name if name in _VOCAB_FILES else None
+            if name in KEEP_FROM_BASE and (base / name).is_file():
+                src = base / name
             if src is not None and src.is_file() and is_within(src.resolve(), link_root(src.parent)):
                 shutil.copy2(src, dest / name)
                 copied.append(name)
@@ -103,9 +111,11 @@ def write_generation_config(base: Path, adapter: Adapter, dest: Path, notes: lis
         if IM_END_ID not in eos_list:
             gen["eos_token_id"] = [IM_END_ID, *(eos_list or [ENDOFTEXT_ID])]
             changed.append("eos_token_id += <|im_end|>")
-        if "chat_format" in gen:
+        if "chat_format" in gen:  # Qwen-1: its model.chat() reads these; values as Qwen-7B-Chat ships them
             gen["chat_format"] = "chatml"
-            changed.append("chat_format -> chatml")
+            for key, value in QWEN1_CHAT_GENERATION.items():
+                gen.setdefault(key, value)
+            changed.append("chat_format -> chatml, max_window_size as Qwen-7B-Chat")
         msg = (f"generation_config.json: the base is not a chat model but the adapter was trained on ChatML, "
                f"so the merged model is one ({'; '.join(changed)})")
         log.info(msg)

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 from transformers import TrainingArguments, set_seed
 
-from ..checkpoint import save_in_dtype
+from ..checkpoint import keep_tokenizer_files, save_in_dtype
 from ..config import ConfigError, Recipe
 from ..data.collators import make_collator
 from ..data.dataset import PreparedData, prepare_data
@@ -221,6 +221,7 @@ def save_outputs(recipe: Recipe, args: TrainingArguments, trainer: QwenTrainer, 
                 tokenizer.save_pretrained(str(out))
                 _copy_generation_config(base, out)
                 save_in_dtype(out, base)
+                keep_tokenizer_files(base, out)
         except Exception as e:
             if not is_disk_full(e):
                 raise
