@@ -426,3 +426,39 @@ def test_disk_full_during_merge(qwen2_base: Path, qwen2_adapter: Path, small_tmp
     assert len(lines) == 1 and "disk full while writing the merged model" in lines[0], err[-2000:]
     assert sorted(p.name for p in small_tmpfs.iterdir()) == ["other_writer.bin"]  # no output, no build dir
     assert (digest(qwen2_base), digest(qwen2_adapter)) == before
+
+
+def test_base_and_chat_checkpoints_leave_in_their_own_chat_format(qwen2_base: Path, qwen2_adapter: Path,
+                                                                  tmp_path: Path) -> None:
+    """A Qwen2 *base* (no chat template, stops on <|endoftext|> only) fine-tuned on ChatML leaves as a chat model:
+    the ChatML template it was trained with and <|im_end|> as eos. A chat checkpoint's files stay byte for byte."""
+    from transformers import AutoTokenizer
+
+    from qwen_tune.export import merge_adapter
+
+    base = tmp_path / "qwen2_pretrained"
+    shutil.copytree(qwen2_base, base)
+    tok_cfg = json.loads((base / "tokenizer_config.json").read_text())
+    tok_cfg.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    (base / "generation_config.json").write_text(json.dumps({"eos_token_id": ENDOFTEXT_ID, "do_sample": False}))
+    adapter = tmp_path / "adapter"
+    shutil.copytree(qwen2_adapter, adapter)
+    (adapter / "qwen_tune_recipe.yaml").write_text("method: lora\ndata:\n  template: auto\n")
+    merge_adapter(adapter, tmp_path / "merged", base_dir=base, verify=False)
+    merged = tmp_path / "merged"
+    gen = json.loads((merged / "generation_config.json").read_text())
+    assert IM_END_ID in gen["eos_token_id"] and ENDOFTEXT_ID in gen["eos_token_id"]
+    out_cfg = json.loads((merged / "tokenizer_config.json").read_text())
+    assert out_cfg["chat_template"] and out_cfg | {"chat_template": None} == tok_cfg | {"chat_template": None}
+    text = AutoTokenizer.from_pretrained(merged).apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                                                      add_generation_prompt=True)
+    assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+                    "<|im_start|>assistant\n")
+
+    # a chat checkpoint (qwen2_base: a template, stops on <|im_end|>): nothing of its chat setup changes
+    merge_adapter(adapter, tmp_path / "merged_chat", verify=False)
+    chat = tmp_path / "merged_chat"
+    assert (chat / "tokenizer_config.json").read_bytes() == (qwen2_base / "tokenizer_config.json").read_bytes()
+    assert json.loads((chat / "generation_config.json").read_text()) == json.loads(
+        (qwen2_base / "generation_config.json").read_text())

@@ -59,8 +59,8 @@ from ..train.trainer import first_line, is_disk_full
 from ..verify import max_abs_diff, probe_batch, probe_logits
 from .adapter import check_disk, dequantized_base, full_precision_base, read_adapter, resolve_base
 from .lora_merge import attach_adapter, cast_parameters, untie_if_diverged
-from .merge_files import (check_output, copy_files, estimate_output_bytes, parse_size, write_generation_config,
-                          _write_config)
+from .merge_files import (add_chat_template, check_output, copy_files, estimate_output_bytes, parse_size,
+                          write_generation_config, _write_config)
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +184,7 @@ def merge_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, ba
     try:
         # 4. the tokenizer and extra files go in first: the probe is tokenized by the output's own tokenizer.
         result.copied_files = copy_files(base, adapter.path, tmp, [out, tmp])
+        add_chat_template(base, adapter, tmp, notes)
         batch = reference = None
         if verify:
             batch = probe_batch(_load_tokenizer(tmp), vocab_size)

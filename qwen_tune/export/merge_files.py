@@ -15,6 +15,7 @@ from ..checkpoint import (WEIGHT_SUFFIXES, checkpoint_dtype, copy_extra_files, g
                           read_json_object, set_config_dtype, tensor_shapes, weight_files, write_json)
 from ..config import ConfigError
 from ..constants import DTYPE_BYTES, ENDOFTEXT_ID, IM_END_ID
+from ..models.qwen1.tokenization_qwen import CHATML_TEMPLATE
 from .adapter import Adapter
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,30 @@ def _write_config(base: Path, dest: Path, dtype: str, untied: bool) -> None:
         config["tie_word_embeddings"] = False
     config.pop("quantization_config", None)
     write_json(dest / "config.json", config)
+
+
+def add_chat_template(base: Path, adapter: Adapter, dest: Path, notes: list[str]) -> bool:
+    """A base checkpoint without a chat template, fine-tuned on conversations, leaves with the template it was
+    trained on (a recipe's .jinja file, else ChatML) in tokenizer_config.json, so transformers' and vLLM's chat
+    APIs render what the model learned. Qwen-1 (its ecosystem reads generation_config's chat_format) and
+    checkpoints that ship a template are left as they are."""
+    cfg_file = dest / "tokenizer_config.json"
+    if (adapter.recipe is None or _read(base / "config.json").get("model_type") == "qwen" or not cfg_file.is_file()
+            or (base / "chat_template.jinja").is_file() or (dest / "chat_template.jinja").is_file()):
+        return False
+    data = _read(cfg_file)
+    if data.get("chat_template"):
+        return False
+    setting = str((adapter.recipe.get("data") or {}).get("template") or "auto")
+    path = Path(setting).expanduser()
+    text, origin = ((path.read_text(encoding="utf-8"), str(path)) if setting.endswith(".jinja") and path.is_file()
+                    else (CHATML_TEMPLATE, "ChatML"))
+    data["chat_template"] = text
+    write_json(cfg_file, data)
+    msg = f"tokenizer_config.json: the base has no chat template; added the {origin} template the adapter was trained on"
+    log.info(msg)
+    notes.append(msg)
+    return True
 
 
 def write_generation_config(base: Path, adapter: Adapter, dest: Path, notes: list[str]) -> str | None:
