@@ -233,6 +233,8 @@ def keep_tokenizer_files(base: str | os.PathLike, out: str | os.PathLike,
         if (base / name).is_file() and is_within((base / name).resolve(), link_root(base)):
             shutil.copyfile(base / name, out / name)
             kept.append(name)
+        elif (out / name).is_file() and (base / "config.json").is_file():
+            (out / name).unlink()  # the base has none: a re-save's template would override the tokenizer_config's
     return kept
 
 

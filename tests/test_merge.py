@@ -462,3 +462,43 @@ def test_base_and_chat_checkpoints_leave_in_their_own_chat_format(qwen2_base: Pa
     assert (chat / "tokenizer_config.json").read_bytes() == (qwen2_base / "tokenizer_config.json").read_bytes()
     assert json.loads((chat / "generation_config.json").read_text()) == json.loads(
         (qwen2_base / "generation_config.json").read_text())
+
+
+@pytest.mark.parametrize("family", ["qwen1", "qwen2"])
+def test_base_trained_on_chat_leaves_as_a_chat_model(family: str, tmp_path: Path) -> None:
+    """Real runs: a Qwen-1 *base* LoRA run merges into a chat generation config as Qwen-7B-Chat ships; a Qwen2
+    base whose tokenizer has no template leaves full fine-tuning with the ChatML template and <|im_end|> as eos."""
+    from qwen_tune.config import load_recipe
+    from qwen_tune.models.loading import build_from_config
+    from qwen_tune.train.run import run_training
+
+    cfg = {"qwen1": {"model_type": "qwen", "vocab_size": 151936, "hidden_size": 32, "intermediate_size": 64,
+                     "num_hidden_layers": 1, "num_attention_heads": 4, "kv_channels": 8, "seq_length": 256,
+                     "max_position_embeddings": 256},
+           "qwen2": {"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 32, "intermediate_size": 64,
+                     "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+                     "max_position_embeddings": 256, "tie_word_embeddings": False}}[family]
+    (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "qwen_tune_is_chat": False}))
+    base = build_from_config(tmp_path / "cfg.json", tmp_path / "base", seed=1)
+    if family == "qwen2":
+        tok = json.loads((base / "tokenizer_config.json").read_text())
+        tok.pop("chat_template", None)
+        (base / "tokenizer_config.json").write_text(json.dumps(tok))
+        (base / "chat_template.jinja").unlink(missing_ok=True)
+    method = "lora" if family == "qwen1" else "full"
+    run_training(load_recipe("lora", [f"model.path={base}", "data.path=data_examples/example.json",
+                                      f"output.dir={tmp_path / 'run'}", f"method={method}", "data.max_len=64",
+                                      "training.batch_size=1", "training.grad_accum=1", "training.max_steps=1",
+                                      "training.use_cpu=true", "output.report_to=[]", "output.save_steps=100",
+                                      "lora.r=2"]))
+    run = tmp_path / "run"
+    if family == "qwen1":
+        assert run_cli("merge-adapter", "--adapter", str(run), "--out", str(tmp_path / "merged")) == 0
+        gen = json.loads((tmp_path / "merged" / "generation_config.json").read_text())
+        assert gen["chat_format"] == "chatml" and gen["max_window_size"] == 6144 and IM_END_ID in gen["eos_token_id"]
+        assert (tmp_path / "merged" / "tokenizer_config.json").read_bytes() == \
+            (base / "tokenizer_config.json").read_bytes()
+    else:
+        gen = json.loads((run / "generation_config.json").read_text())
+        assert IM_END_ID in gen["eos_token_id"]
+        assert json.loads((run / "tokenizer_config.json").read_text())["chat_template"]

@@ -14,8 +14,8 @@ from ..checkpoint import (WEIGHT_SUFFIXES, checkpoint_dtype, copy_extra_files, g
                           link_root,
                           read_json_object, set_config_dtype, tensor_shapes, weight_files, write_json)
 from ..config import ConfigError
-from ..constants import DTYPE_BYTES, ENDOFTEXT_ID, IM_END_ID
-from ..models.qwen1.tokenization_qwen import CHATML_TEMPLATE
+from ..constants import DTYPE_BYTES
+from ..models.chat_outputs import add_chat_template as chat_template_into, chat_generation_config
 from .adapter import Adapter
 
 log = logging.getLogger(__name__)
@@ -28,10 +28,6 @@ TOKENIZER_FILES = frozenset({
 _VOCAB_FILES = frozenset({"vocab.json", "merges.txt", "qwen.tiktoken", "tokenizer.model", "vocab.txt"})
 # Any of these in the adapter directory means the training run saved its tokenizer there.
 _TOKENIZER_MARKERS = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "qwen.tiktoken", "tokenizer.model")
-# Qwen-7B-Chat's generation_config.json beyond chat_format and the token ids (its model.chat() needs
-# max_window_size; the sampling values are what the Qwen-1 chat models ship).
-QWEN1_CHAT_GENERATION = {"max_window_size": 6144, "max_new_tokens": 512, "do_sample": True, "top_k": 0, "top_p": 0.8,
-                         "repetition_penalty": 1.1}
 # Kept byte for byte from the base: a tokenizer class re-saving them drops or rewrites fields (auto_map, chat_template).
 KEEP_FROM_BASE = ("tokenizer_config.json", "chat_template.jinja")
 _SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -95,27 +91,20 @@ def _write_config(base: Path, dest: Path, dtype: str, untied: bool) -> None:
 
 
 def add_chat_template(base: Path, adapter: Adapter, dest: Path, notes: list[str]) -> bool:
-    """A base checkpoint without a chat template, fine-tuned on conversations, leaves with the template it was
-    trained on (a recipe's .jinja file, else ChatML) in tokenizer_config.json, so transformers' and vLLM's chat
-    APIs render what the model learned. Qwen-1 (its ecosystem reads generation_config's chat_format) and
-    checkpoints that ship a template are left as they are."""
-    cfg_file = dest / "tokenizer_config.json"
-    if (adapter.recipe is None or _read(base / "config.json").get("model_type") == "qwen" or not cfg_file.is_file()
-            or (base / "chat_template.jinja").is_file() or (dest / "chat_template.jinja").is_file()):
+    """A base checkpoint without a chat template, fine-tuned on conversations, leaves with the one it trained with
+    (:func:`qwen_tune.models.chat_outputs.add_chat_template`)."""
+    if adapter.recipe is None or generation_config_is_chat(_base_generation(base)):
         return False
-    data = _read(cfg_file)
-    if data.get("chat_template"):
-        return False
-    setting = str((adapter.recipe.get("data") or {}).get("template") or "auto")
-    path = Path(setting).expanduser()
-    text, origin = ((path.read_text(encoding="utf-8"), str(path)) if setting.endswith(".jinja") and path.is_file()
-                    else (CHATML_TEMPLATE, "ChatML"))
-    data["chat_template"] = text
-    write_json(cfg_file, data)
-    msg = f"tokenizer_config.json: the base has no chat template; added the {origin} template the adapter was trained on"
-    log.info(msg)
-    notes.append(msg)
-    return True
+    origin = chat_template_into(base, dest, str((adapter.recipe.get("data") or {}).get("template") or "auto"))
+    if origin:
+        msg = f"tokenizer_config.json: the base has no chat template; added the {origin} template it was trained on"
+        log.info(msg)
+        notes.append(msg)
+    return origin is not None
+
+
+def _base_generation(base: Path) -> dict:
+    return _read(base / "generation_config.json") if (base / "generation_config.json").is_file() else {}
 
 
 def write_generation_config(base: Path, adapter: Adapter, dest: Path, notes: list[str]) -> str | None:
@@ -129,18 +118,8 @@ def write_generation_config(base: Path, adapter: Adapter, dest: Path, notes: lis
     if src is None:
         return None
     gen = _read(src)
-    eos = gen.get("eos_token_id")
-    eos_list = [e for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
-    if adapter.recipe is not None and not generation_config_is_chat(gen):
-        changed = []
-        if IM_END_ID not in eos_list:
-            gen["eos_token_id"] = [IM_END_ID, *(eos_list or [ENDOFTEXT_ID])]
-            changed.append("eos_token_id += <|im_end|>")
-        if "chat_format" in gen:  # Qwen-1: its model.chat() reads these; values as Qwen-7B-Chat ships them
-            gen["chat_format"] = "chatml"
-            for key, value in QWEN1_CHAT_GENERATION.items():
-                gen.setdefault(key, value)
-            changed.append("chat_format -> chatml, max_window_size as Qwen-7B-Chat")
+    changed = chat_generation_config(gen) if adapter.recipe is not None else []
+    if changed:
         msg = (f"generation_config.json: the base is not a chat model but the adapter was trained on ChatML, "
                f"so the merged model is one ({'; '.join(changed)})")
         log.info(msg)

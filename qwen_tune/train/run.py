@@ -14,6 +14,7 @@ import torch
 from transformers import TrainingArguments, set_seed
 
 from ..checkpoint import keep_tokenizer_files, save_in_dtype
+from ..models.chat_outputs import finish_chat_outputs
 from ..config import ConfigError, Recipe
 from ..data.collators import make_collator
 from ..data.dataset import PreparedData, prepare_data
@@ -222,6 +223,7 @@ def save_outputs(recipe: Recipe, args: TrainingArguments, trainer: QwenTrainer, 
                 _copy_generation_config(base, out)
                 save_in_dtype(out, base)
                 keep_tokenizer_files(base, out)
+                finish_chat_outputs(base, out, recipe.data.template)
         except Exception as e:
             if not is_disk_full(e):
                 raise
