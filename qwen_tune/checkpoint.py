@@ -15,9 +15,10 @@ from typing import Any, Iterable, Iterator
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, read_json_object
-from .constants import DTYPE_NAMES, IM_END_ID
+from .constants import DTYPE_NAMES, IM_END_ID, TORCH_DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +36,9 @@ NEVER_COPY = frozenset({"config.json", "quantize_config.json", ADAPTER_CONFIG, *
                         FAILED_MARKER, DEQUANT_MARKER})
 
 __all__ = ["NEVER_COPY", "WEIGHT_SUFFIXES", "build_dir", "checkpoint_dtype", "copy_extra_files", "detect_is_chat",
-           "generation_config_is_chat", "is_checkpoint", "is_within", "iter_checkpoint_tensors", "publish",
-           "read_json_object", "read_quantization_config", "set_config_dtype", "tensor_shapes", "weight_files",
-           "write_json"]
+           "generation_config_is_chat", "is_checkpoint", "is_within", "iter_checkpoint_tensors", "keep_tokenizer_files",
+           "publish", "read_json_object", "read_quantization_config", "save_in_dtype", "set_config_dtype",
+           "tensor_shapes", "weight_files", "write_json"]
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -219,6 +220,55 @@ def publish(tmp: Path, out: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def keep_tokenizer_files(base: str | os.PathLike, out: str | os.PathLike,
+                         names: Iterable[str] = ("tokenizer_config.json", "chat_template.jinja")) -> list[str]:
+    """Copy the base's tokenizer_config.json / chat_template.jinja over what a tokenizer class re-saved in ``out``,
+    byte for byte: a re-save can drop or rewrite fields (auto_map, the chat template) the checkpoint's own
+    ecosystem reads."""
+    base, out = Path(base), Path(out)
+    kept = []
+    for name in names:
+        if (base / name).is_file() and is_within((base / name).resolve(), link_root(base)):
+            shutil.copyfile(base / name, out / name)
+            kept.append(name)
+        elif (out / name).is_file() and (base / "config.json").is_file():
+            (out / name).unlink()  # the base has none: a re-save's template would override the tokenizer_config's
+    return kept
+
+
+def save_in_dtype(out: str | os.PathLike, base: str | os.PathLike) -> str | None:
+    """Cast a full model saved in ``out`` to the dtype of the checkpoint it was trained from, in place.
+
+    Training may keep fp32 master weights (16-bit autocast), so the Trainer saves fp32: twice a bf16 base on disk,
+    and a config that no longer says what the base said. Adapters (no config.json) and .bin saves are left as they
+    are. Returns the dtype written, None when nothing was changed.
+    """
+    out, base = Path(out), Path(base)
+    if not (is_checkpoint(out) and is_checkpoint(base)):
+        return None
+    want = checkpoint_dtype(read_json_object(base / "config.json", str(base / "config.json")))
+    files = [f for f in weight_files(out) if f.suffix == ".safetensors"]
+    if not files:
+        return None
+    changed = False
+    for f in files:
+        state = load_file(str(f))
+        if all(not t.is_floating_point() or t.dtype == TORCH_DTYPES[want] for t in state.values()):
+            continue
+        state = {k: t.to(TORCH_DTYPES[want]) if t.is_floating_point() else t for k, t in state.items()}
+        tmp = f.with_name(f.name + ".tmp")
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, f)
+        changed = True
+    if not changed:
+        return None
+    config = read_json_object(out / "config.json", str(out / "config.json"))
+    set_config_dtype(config, want)
+    write_json(out / "config.json", config)
+    log.info("%s: weights saved in the base checkpoint's dtype (%s)", out, want)
+    return want
 
 
 # ----------------------------------------------------------------------------------------------------------------

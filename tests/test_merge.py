@@ -196,7 +196,8 @@ def test_merge_modules_to_save_bf16_with_adapter_tokenizer(qwen2_base: Path, emb
     assert result.merge_diff <= result.tolerance and result.reload_diff <= result.tolerance
     assert result.max_abs_diff is not None and result.max_abs_diff < 0.1  # bf16 rounding only
     assert "tokenizer_config.json" in result.copied_files and "custom_note.py" in result.copied_files
-    assert json.loads((out / "tokenizer_config.json").read_text())["model_max_length"] == 1234
+    # except tokenizer_config.json: the base's, byte for byte (a re-save by the tokenizer class rewrites fields)
+    assert (out / "tokenizer_config.json").read_bytes() == (qwen2_base / "tokenizer_config.json").read_bytes()
 
     config = json.loads((out / "config.json").read_text())
     assert config["dtype"] == config["torch_dtype"] == "bfloat16"
@@ -212,6 +213,9 @@ def test_merge_modules_to_save_bf16_with_adapter_tokenizer(qwen2_base: Path, emb
 def test_merge_qwen1(qwen1_base: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     adapter = _make_adapter(qwen1_base, tmp_path / "adapter", ["c_attn", "c_proj", "w1", "w2"])
     (adapter / "qwen_tune_recipe.yaml").write_text("model:\n  path: base\nmethod: lora\n")
+    # a tokenizer re-saved next to the adapter, fields rewritten: the merged model keeps the base's file byte for byte
+    (adapter / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "QWenTokenizer",
+                                                                 "model_max_length": 8192}))
     out = tmp_path / "merged"
     rc = run_cli("merge-adapter", "--adapter", str(adapter), "--out", str(out))
     assert rc == 0, capsys.readouterr().err
@@ -227,6 +231,10 @@ def test_merge_qwen1(qwen1_base: Path, tmp_path: Path, capsys: pytest.CaptureFix
     # Fine-tuned on ChatML, the merged model is a chat model: it must stop on <|im_end|>.
     gen = json.loads((out / "generation_config.json").read_text())
     assert gen["chat_format"] == "chatml" and IM_END_ID in gen["eos_token_id"]
+    # ... and Qwen-1's model.chat() needs max_window_size: the chat generation config Qwen-7B-Chat ships
+    assert {k: gen.get(k) for k in ("max_window_size", "max_new_tokens", "top_k", "top_p", "repetition_penalty")} == {
+        "max_window_size": 6144, "max_new_tokens": 512, "top_k": 0, "top_p": 0.8, "repetition_penalty": 1.1}
+    assert (out / "tokenizer_config.json").read_bytes() == (qwen1_base / "tokenizer_config.json").read_bytes()
 
     ids = _ids()
     expected, plain = _adapter_logits(qwen1_base, adapter, ids)
@@ -370,3 +378,127 @@ def test_parse_size() -> None:
     assert parse_size("2GB") == 2 * 10**9 and parse_size("500mb") == 5 * 10**8 and parse_size("1GiB") == 2**30
     with pytest.raises(ConfigError, match="not a size"):
         parse_size("lots")
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path):
+    """An 80 MB filesystem to merge into (the tiny Qwen2 merge needs ~60 MB)."""
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    d = tmp_path / "small_disk"
+    d.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=80m", "tmpfs", str(d)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def test_disk_full_during_merge(qwen2_base: Path, qwen2_adapter: Path, small_tmpfs: Path, monkeypatch: pytest.MonkeyPatch,
+                                capsys: pytest.CaptureFixture) -> None:
+    """The free-space check passes, then another writer fills the disk: the merge fails while writing weights."""
+    import hashlib
+
+    from qwen_tune.export import merge
+
+    def digest(d: Path) -> dict[str, str]:
+        return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(d.iterdir()) if f.is_file()}
+
+    before = digest(qwen2_base), digest(qwen2_adapter)
+    real_check = merge.check_disk
+
+    def check_then_fill(out: Path, needed: int) -> None:
+        real_check(out, needed)
+        free = shutil.disk_usage(small_tmpfs).free
+        (small_tmpfs / "other_writer.bin").write_bytes(b"\0" * (free - 12 * 2**20))  # 12 MB left: the tokenizer fits
+
+    monkeypatch.setattr(merge, "check_disk", check_then_fill)
+    out = small_tmpfs / "merged"
+    rc = run_cli("merge-adapter", "--adapter", str(qwen2_adapter), "--out", str(out))
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    lines = _error_lines(err)
+    assert len(lines) == 1 and "disk full while writing the merged model" in lines[0], err[-2000:]
+    assert sorted(p.name for p in small_tmpfs.iterdir()) == ["other_writer.bin"]  # no output, no build dir
+    assert (digest(qwen2_base), digest(qwen2_adapter)) == before
+
+
+def test_base_and_chat_checkpoints_leave_in_their_own_chat_format(qwen2_base: Path, qwen2_adapter: Path,
+                                                                  tmp_path: Path) -> None:
+    """A Qwen2 *base* (no chat template, stops on <|endoftext|> only) fine-tuned on ChatML leaves as a chat model:
+    the ChatML template it was trained with and <|im_end|> as eos. A chat checkpoint's files stay byte for byte."""
+    from transformers import AutoTokenizer
+
+    from qwen_tune.export import merge_adapter
+
+    base = tmp_path / "qwen2_pretrained"
+    shutil.copytree(qwen2_base, base)
+    tok_cfg = json.loads((base / "tokenizer_config.json").read_text())
+    tok_cfg.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    (base / "generation_config.json").write_text(json.dumps({"eos_token_id": ENDOFTEXT_ID, "do_sample": False}))
+    adapter = tmp_path / "adapter"
+    shutil.copytree(qwen2_adapter, adapter)
+    (adapter / "qwen_tune_recipe.yaml").write_text("method: lora\ndata:\n  template: auto\n")
+    merge_adapter(adapter, tmp_path / "merged", base_dir=base, verify=False)
+    merged = tmp_path / "merged"
+    gen = json.loads((merged / "generation_config.json").read_text())
+    assert IM_END_ID in gen["eos_token_id"] and ENDOFTEXT_ID in gen["eos_token_id"]
+    out_cfg = json.loads((merged / "tokenizer_config.json").read_text())
+    assert out_cfg["chat_template"] and out_cfg | {"chat_template": None} == tok_cfg | {"chat_template": None}
+    text = AutoTokenizer.from_pretrained(merged).apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                                                      add_generation_prompt=True)
+    assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+                    "<|im_start|>assistant\n")
+
+    # a chat checkpoint (qwen2_base: a template, stops on <|im_end|>): nothing of its chat setup changes
+    merge_adapter(adapter, tmp_path / "merged_chat", verify=False)
+    chat = tmp_path / "merged_chat"
+    assert (chat / "tokenizer_config.json").read_bytes() == (qwen2_base / "tokenizer_config.json").read_bytes()
+    assert json.loads((chat / "generation_config.json").read_text()) == json.loads(
+        (qwen2_base / "generation_config.json").read_text())
+
+
+@pytest.mark.parametrize("family", ["qwen1", "qwen2"])
+def test_base_trained_on_chat_leaves_as_a_chat_model(family: str, tmp_path: Path) -> None:
+    """Real runs: a Qwen-1 *base* LoRA run merges into a chat generation config as Qwen-7B-Chat ships; a Qwen2
+    base whose tokenizer has no template leaves full fine-tuning with the ChatML template and <|im_end|> as eos."""
+    from qwen_tune.config import load_recipe
+    from qwen_tune.models.loading import build_from_config
+    from qwen_tune.train.run import run_training
+
+    cfg = {"qwen1": {"model_type": "qwen", "vocab_size": 151936, "hidden_size": 32, "intermediate_size": 64,
+                     "num_hidden_layers": 1, "num_attention_heads": 4, "kv_channels": 8, "seq_length": 256,
+                     "max_position_embeddings": 256},
+           "qwen2": {"model_type": "qwen2", "vocab_size": 151936, "hidden_size": 32, "intermediate_size": 64,
+                     "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+                     "max_position_embeddings": 256, "tie_word_embeddings": False}}[family]
+    (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "qwen_tune_is_chat": False}))
+    base = build_from_config(tmp_path / "cfg.json", tmp_path / "base", seed=1)
+    if family == "qwen2":
+        tok = json.loads((base / "tokenizer_config.json").read_text())
+        tok.pop("chat_template", None)
+        (base / "tokenizer_config.json").write_text(json.dumps(tok))
+        (base / "chat_template.jinja").unlink(missing_ok=True)
+    method = "lora" if family == "qwen1" else "full"
+    run_training(load_recipe("lora", [f"model.path={base}", "data.path=data_examples/example.json",
+                                      f"output.dir={tmp_path / 'run'}", f"method={method}", "data.max_len=64",
+                                      "training.batch_size=1", "training.grad_accum=1", "training.max_steps=1",
+                                      "training.use_cpu=true", "output.report_to=[]", "output.save_steps=100",
+                                      "lora.r=2"]))
+    run = tmp_path / "run"
+    if family == "qwen1":
+        assert run_cli("merge-adapter", "--adapter", str(run), "--out", str(tmp_path / "merged")) == 0
+        gen = json.loads((tmp_path / "merged" / "generation_config.json").read_text())
+        assert gen["chat_format"] == "chatml" and gen["max_window_size"] == 6144 and IM_END_ID in gen["eos_token_id"]
+        assert (tmp_path / "merged" / "tokenizer_config.json").read_bytes() == \
+            (base / "tokenizer_config.json").read_bytes()
+    else:
+        gen = json.loads((run / "generation_config.json").read_text())
+        assert IM_END_ID in gen["eos_token_id"]
+        assert json.loads((run / "tokenizer_config.json").read_text())["chat_template"]

@@ -101,3 +101,23 @@ def test_load_dtype_and_upcast():
     assert upcast_trainable(model, autocast=False) == 0
     assert upcast_trainable(model, autocast=True) == 2
     assert model[0].weight.dtype == torch.float16 and model[1].weight.dtype == torch.float32
+
+
+def test_full_finetuning_saves_in_the_base_dtype(bases, tmp_path):
+    """fp32 master weights during training, but a bf16 base leaves as a bf16 model (not twice its size)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    base = tmp_path / "bf16_base"
+    shutil.copytree(bases[True], base)
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(bases[True] / "model.safetensors").items()},
+              str(base / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**cfg, "torch_dtype": "bfloat16", "dtype": "bfloat16"}))
+    run_training(_recipe(base, tmp_path / "out", "full", "training.precision=bf16", "training.max_steps=1"))
+    saved = load_file(tmp_path / "out" / "model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    size = (tmp_path / "out" / "model.safetensors").stat().st_size
+    assert size < 1.05 * (base / "model.safetensors").stat().st_size

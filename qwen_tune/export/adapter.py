@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import yaml
 
-from ..checkpoint import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, DEQUANT_MARKER, checkpoint_dtype, is_checkpoint,
+from ..checkpoint import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, DEQUANT_MARKER, is_checkpoint,
                           read_json_object, read_quantization_config, tensor_shapes, weight_files, write_json)
 from ..config import ConfigError
 from ..constants import DTYPE_BYTES, cache_root
@@ -94,7 +94,9 @@ def dequantized_base(path: str | os.PathLike) -> Path:
     """A full-precision checkpoint directory equivalent to the GPTQ checkpoint at ``path``.
 
     Every GPTQ layer becomes the nn.Linear weight it computes with (``scales * (q - zero)``, v1 and v2 zero points,
-    any g_idx), in the checkpoint's own dtype (fp16 for Qwen's Int4 releases); the config loses
+    any g_idx), in fp32: ``scale * (q - zero)`` of fp16 scales is not an fp16 number, and rounding it here would
+    put the merge ~1e-4 away from the weights the adapter was trained against (the merge rounds once, at the end,
+    to the output dtype); the config loses
     ``quantization_config``; tokenizer, generation config and every other file are copied. Written once into
     ``$QWEN_TUNE_CACHE/dequantized/<name>-<hash of the checkpoint's files>`` and reused (delete it to reclaim disk).
     """
@@ -103,7 +105,7 @@ def dequantized_base(path: str | os.PathLike) -> Path:
     if not weights:
         raise ConfigError(f"{src} is a GPTQ-quantized checkpoint without weight files to dequantize: pass --base DIR "
                           "with the full-precision checkpoint it was quantized from")
-    h = hashlib.sha256(str(src.resolve()).encode())
+    h = hashlib.sha256(str(src.resolve()).encode() + b"\0fp32")
     for f in sorted(src.iterdir()):
         if f.is_file():
             st = f.stat()
@@ -116,7 +118,7 @@ def dequantized_base(path: str | os.PathLike) -> Path:
     check_disk(dst, _dequantized_bytes(src, weights))
     log.info("dequantizing the GPTQ checkpoint %s into %s", src, dst)
     try:
-        dequantize_checkpoint(src, dst)
+        dequantize_checkpoint(src, dst, "fp32")
     except GPTQError as e:
         raise ConfigError(f"{e}; or pass --base DIR with the full-precision checkpoint it was quantized from") from None
     write_json(dst / DEQUANT_MARKER, {"source": str(src.resolve())})
@@ -127,7 +129,7 @@ def _dequantized_bytes(src: Path, weights: list[Path]) -> int:
     """Bytes of the dequantized weights: each qweight word holds 32/bits weights, stored at the checkpoint's dtype."""
     q = read_quantization_config(src) or {}
     per_word = 32 // int(q.get("bits", 4))
-    width = DTYPE_BYTES[checkpoint_dtype(read_json_object(src / "config.json", str(src / "config.json")))]
+    width = DTYPE_BYTES["fp32"]
     total = 0
     for f in weights:
         if f.suffix != ".safetensors":

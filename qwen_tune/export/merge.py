@@ -55,11 +55,12 @@ from ..config import ConfigError
 from ..constants import TORCH_DTYPES
 from ..data.tokenizer import load_tokenizer
 from ..models import qwen1  # noqa: F401 - registers model_type "qwen" with the Auto classes
+from ..train.trainer import first_line, is_disk_full
 from ..verify import max_abs_diff, probe_batch, probe_logits
 from .adapter import check_disk, dequantized_base, full_precision_base, read_adapter, resolve_base
 from .lora_merge import attach_adapter, cast_parameters, untie_if_diverged
-from .merge_files import (check_output, copy_files, estimate_output_bytes, parse_size, write_generation_config,
-                          _write_config)
+from .merge_files import (add_chat_template, check_output, copy_files, estimate_output_bytes, parse_size,
+                          write_generation_config, _write_config)
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +164,11 @@ def merge_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, ba
 
     # 1-2. the adapter, its full-precision base, and refusals before any work
     adapter = read_adapter(adapter_dir)
-    base = full_precision_base(adapter, resolve_base(adapter, base_dir), notes)
-    out_dtype = dtype or checkpoint_dtype(read_json_object(base / "config.json", str(base / "config.json")))
+    given = resolve_base(adapter, base_dir)
+    # the default is the given checkpoint's dtype (fp16 for a GPTQ one), not that of its fp32 dequantized copy
+    given_dtype = checkpoint_dtype(read_json_object(given / "config.json", str(given / "config.json")))
+    base = full_precision_base(adapter, given, notes)
+    out_dtype = dtype or given_dtype
     check_output(out, overwrite, [base, adapter.path])
     check_disk(out, estimate_output_bytes(base, out_dtype))
     log.info("merging adapter %s into base %s -> %s (%s)", adapter.path, base, out, out_dtype)
@@ -180,6 +184,7 @@ def merge_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, ba
     try:
         # 4. the tokenizer and extra files go in first: the probe is tokenized by the output's own tokenizer.
         result.copied_files = copy_files(base, adapter.path, tmp, [out, tmp])
+        add_chat_template(base, adapter, tmp, notes)
         batch = reference = None
         if verify:
             batch = probe_batch(_load_tokenizer(tmp), vocab_size)
@@ -214,6 +219,13 @@ def merge_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, ba
             "tolerance": result.tolerance, "notes": notes})
         publish(tmp, out)
         published = True
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConfigError(f"disk full while writing the merged model to {out} ({first_line(e)}): nothing was "
+                          f"published, the partial build {tmp.name} was removed, the base and the adapter are "
+                          "untouched; free space (or pick another --out) and run the merge again") from None
     finally:
         if not published and tmp.exists() and not (tmp / FAILED_MARKER).exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -14,7 +14,8 @@ from ..checkpoint import (WEIGHT_SUFFIXES, checkpoint_dtype, copy_extra_files, g
                           link_root,
                           read_json_object, set_config_dtype, tensor_shapes, weight_files, write_json)
 from ..config import ConfigError
-from ..constants import DTYPE_BYTES, ENDOFTEXT_ID, IM_END_ID
+from ..constants import DTYPE_BYTES
+from ..models.chat_outputs import add_chat_template as chat_template_into, chat_generation_config
 from .adapter import Adapter
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,8 @@ TOKENIZER_FILES = frozenset({
 _VOCAB_FILES = frozenset({"vocab.json", "merges.txt", "qwen.tiktoken", "tokenizer.model", "vocab.txt"})
 # Any of these in the adapter directory means the training run saved its tokenizer there.
 _TOKENIZER_MARKERS = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "qwen.tiktoken", "tokenizer.model")
+# Kept byte for byte from the base: a tokenizer class re-saving them drops or rewrites fields (auto_map, chat_template).
+KEEP_FROM_BASE = ("tokenizer_config.json", "chat_template.jinja")
 _SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -54,6 +57,8 @@ def copy_files(base: Path, adapter: Path, dest: Path, avoid: list[Path]) -> list
         for name in sorted(TOKENIZER_FILES):
             # transformers 5 saves only tokenizer.json: the base's vocabulary files stay for other loaders.
             src = tok_src / name if (tok_src / name).is_file() else base / name if name in _VOCAB_FILES else None
+            if name in KEEP_FROM_BASE and (base / name).is_file():
+                src = base / name
             if src is not None and src.is_file() and is_within(src.resolve(), link_root(src.parent)):
                 shutil.copy2(src, dest / name)
                 copied.append(name)
@@ -85,6 +90,23 @@ def _write_config(base: Path, dest: Path, dtype: str, untied: bool) -> None:
     write_json(dest / "config.json", config)
 
 
+def add_chat_template(base: Path, adapter: Adapter, dest: Path, notes: list[str]) -> bool:
+    """A base checkpoint without a chat template, fine-tuned on conversations, leaves with the one it trained with
+    (:func:`qwen_tune.models.chat_outputs.add_chat_template`)."""
+    if adapter.recipe is None or generation_config_is_chat(_base_generation(base)):
+        return False
+    origin = chat_template_into(base, dest, str((adapter.recipe.get("data") or {}).get("template") or "auto"))
+    if origin:
+        msg = f"tokenizer_config.json: the base has no chat template; added the {origin} template it was trained on"
+        log.info(msg)
+        notes.append(msg)
+    return origin is not None
+
+
+def _base_generation(base: Path) -> dict:
+    return _read(base / "generation_config.json") if (base / "generation_config.json").is_file() else {}
+
+
 def write_generation_config(base: Path, adapter: Adapter, dest: Path, notes: list[str]) -> str | None:
     """generation_config.json of the adapter run (training copies the base's), else the base's.
 
@@ -96,16 +118,8 @@ def write_generation_config(base: Path, adapter: Adapter, dest: Path, notes: lis
     if src is None:
         return None
     gen = _read(src)
-    eos = gen.get("eos_token_id")
-    eos_list = [e for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
-    if adapter.recipe is not None and not generation_config_is_chat(gen):
-        changed = []
-        if IM_END_ID not in eos_list:
-            gen["eos_token_id"] = [IM_END_ID, *(eos_list or [ENDOFTEXT_ID])]
-            changed.append("eos_token_id += <|im_end|>")
-        if "chat_format" in gen:
-            gen["chat_format"] = "chatml"
-            changed.append("chat_format -> chatml")
+    changed = chat_generation_config(gen) if adapter.recipe is not None else []
+    if changed:
         msg = (f"generation_config.json: the base is not a chat model but the adapter was trained on ChatML, "
                f"so the merged model is one ({'; '.join(changed)})")
         log.info(msg)

@@ -4,6 +4,8 @@
 * :mod:`.layer` -- :class:`GPTQLinear`, a trainable dequantizing linear over the packed buffers;
 * :mod:`.gptq` -- the algorithms (GPTQ, round-to-nearest) for one matrix and for a model's decoder blocks;
 * :mod:`.checkpoint` -- GPTQ checkpoints on disk: detect, load, save, dequantize;
+* :mod:`.audit` -- what a checkpoint's tensors really hold (zero-point convention, zeros gptqmodel mangles, AutoGPTQ's
+  placeholder biases), checked before any backend loads it;
 * :mod:`.calibration` -- calibration samples from text or conversations;
 * :mod:`.backend` -- how a quantized base loads (gptqmodel or the PyTorch layer; NF4 through bitsandbytes);
 * :mod:`.training` -- preparing a loaded quantized model for LoRA, and loading adapters onto it.

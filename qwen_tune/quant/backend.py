@@ -27,6 +27,7 @@ from ..checkpoint import read_quantization_config
 from ..config import ConfigError, Recipe
 from ..constants import TORCH_DTYPES
 from ..models.loading import resolve_precision
+from .audit import inspect_gptq
 from .checkpoint import has_gptq_tensors, load_gptq_model
 from .format import GPTQError, spec_from_config
 
@@ -178,6 +179,16 @@ def load_causal_lm(path: str | Path, dtype: str = "fp32", attn_implementation: s
     if (backend is None and "quantization_config" not in from_pretrained_kwargs and _is_gptq(q)
             and (not gptqmodel_available() or read_quantization_config(path, config_json_only=True) is None)):
         backend = "torch"  # transformers reads only config.json's quantization_config, and needs gptqmodel
+    if backend != "torch" and _is_gptq(q):
+        check = inspect_gptq(path, spec_from_config(q, str(path)), announce=False)  # the exact path announces
+        reason = check.needs_exact_path
+        if not reason:
+            check.announce(path)
+        else:
+            log.warning("%s: loading through qwen-tune's exact PyTorch GPTQ path instead of gptqmodel: %s", path,
+                        reason)
+            backend = "torch"
+            from_pretrained_kwargs.pop("quantization_config", None)
     if backend == "torch":
         return load_gptq_model(path, dtype=TORCH_DTYPES[dtype], attn_implementation=attn_implementation)
     return AutoModelForCausalLM.from_pretrained(path, dtype=TORCH_DTYPES[dtype],

@@ -19,6 +19,7 @@ from ..checkpoint import (build_dir, checkpoint_dtype, copy_extra_files, iter_ch
                           read_json_object, read_quantization_config, set_config_dtype, weight_files, write_json)
 from ..constants import TORCH_DTYPES
 from ..models import qwen1  # noqa: F401 - registers model_type "qwen" with the Auto classes
+from .audit import inspect_gptq
 from .format import QUANT_SUFFIXES, GPTQError, GPTQSpec, dequantize, spec_from_config
 from .gptq import decoder_blocks
 from .layer import GPTQLinear
@@ -83,6 +84,8 @@ def load_gptq_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
     if not prefixes:
         raise GPTQError(f"{path}: the config says GPTQ but the weights hold no `qweight` tensors")
     modules = dict(model.named_modules())
+    check = inspect_gptq(path, spec, {n: m.bias is not None for n, m in modules.items() if isinstance(m, nn.Linear)})
+    spec, dropped = check.spec, set(check.zero_biases)
     for name in sorted(prefixes):
         old = modules.get(name)
         if not isinstance(old, nn.Linear):
@@ -91,6 +94,8 @@ def load_gptq_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
         _replace_module(model, name, GPTQLinear(old.in_features, old.out_features, old.bias is not None, spec))
     state: dict[str, torch.Tensor] = {}
     for key, t in iter_checkpoint_tensors(path):
+        if key in dropped:
+            continue
         if any(key.endswith("." + s) for s in QUANT_SUFFIXES) or (key.endswith(".bias") and
                                                                    key[: -len(".bias")] in prefixes):
             state[key] = t
@@ -138,7 +143,8 @@ def dequantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype:
     q = read_quantization_config(src)
     if q is None:
         raise GPTQError(f"{src}: not a GPTQ checkpoint (no quantization config)")
-    spec = spec_from_config(q, str(src))
+    check = inspect_gptq(src, spec_from_config(q, str(src)))
+    spec, dropped = check.spec, set(check.zero_biases)
     config = read_json_object(src / "config.json", str(src / "config.json"))
     out_dtype = dtype or checkpoint_dtype(config)
     torch_dtype = TORCH_DTYPES[out_dtype]
@@ -146,6 +152,8 @@ def dequantize_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype:
     state: dict[str, torch.Tensor] = {}
     for key, t in iter_checkpoint_tensors(src):
         mod, _, leaf = key.rpartition(".")
+        if key in dropped:
+            continue
         if leaf in QUANT_SUFFIXES:
             groups.setdefault(mod, {})[leaf] = t
         elif t.is_floating_point():

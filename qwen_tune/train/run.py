@@ -13,6 +13,8 @@ from typing import Any, Callable
 import torch
 from transformers import TrainingArguments, set_seed
 
+from ..checkpoint import keep_tokenizer_files, save_in_dtype
+from ..models.chat_outputs import finish_chat_outputs
 from ..config import ConfigError, Recipe
 from ..data.collators import make_collator
 from ..data.dataset import PreparedData, prepare_data
@@ -279,6 +281,9 @@ def save_outputs(recipe: Recipe, args: TrainingArguments, trainer: QwenTrainer, 
             if args.should_save:
                 tokenizer.save_pretrained(str(out))
                 _copy_generation_config(base, out)
+                save_in_dtype(out, base)
+                keep_tokenizer_files(base, out)
+                finish_chat_outputs(base, out, recipe.data.template)
         except Exception as e:
             if not is_disk_full(e):
                 raise
