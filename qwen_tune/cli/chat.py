@@ -10,8 +10,8 @@ import argparse
 import sys
 from typing import Any
 
-from ..data.chat_template import TemplateEncoder, make_encoder
-from ..data.template import DEFAULT_SYSTEM
+# The data and model modules (transformers, torch) are imported inside the command: `qwen-tune --help` builds
+# this parser and must not pay for them.
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -31,7 +31,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def build_prompt_ids(tokenizer: Any, system: str | None, history: list[tuple[str, str]], template: str = "auto",
                      template_kwargs: dict[str, Any] | None = None) -> list[int]:
     """Ids of the conversation so far plus the template's generation prompt, as in training."""
+    from ..data.chat_template import TemplateEncoder, make_encoder
     from ..data.formats import Conversation
+    from ..data.template import DEFAULT_SYSTEM
 
     enc = make_encoder(tokenizer, 10**9, template=template, system_prompt=system, template_kwargs=template_kwargs)
     if isinstance(enc, TemplateEncoder):

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..config import load_recipe, read_json_object
+# config and the estimator load inside the command: `qwen-tune --help` builds this parser.
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -29,6 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _model_config(spec: str | None) -> dict | None:
     if spec is None:
         return None
+    from ..config import read_json_object
     from ..estimate import QWEN1_PRESETS
 
     if spec.lower() in QWEN1_PRESETS:
@@ -42,6 +43,7 @@ def _model_config(spec: str | None) -> dict | None:
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
+    from ..config import load_recipe
     from ..estimate import estimate_memory
 
     recipe = load_recipe(args.recipe, args.overrides)

@@ -1,0 +1,49 @@
+"""Registration of model_type "qwen" with the transformers Auto classes, one Auto module at a time.
+
+Each function needs only its own Auto module, so the hook in ``qwen_tune/__init__.py`` can register the config
+and tokenizer as soon as their Auto modules load, and the model classes (which import torch) only once the user
+imports ``AutoModel*``.
+"""
+
+from __future__ import annotations
+
+
+def register_config() -> None:
+    from transformers.models.auto.configuration_auto import AutoConfig
+
+    from .configuration_qwen import QWenConfig
+
+    AutoConfig.register("qwen", QWenConfig, exist_ok=True)
+
+
+def register_tokenizer() -> None:
+    from transformers.models.auto.tokenization_auto import AutoTokenizer
+
+    from .configuration_qwen import QWenConfig
+    from .tokenization_qwen import QWenTokenizer
+
+    AutoTokenizer.register(QWenConfig, slow_tokenizer_class=QWenTokenizer, exist_ok=True)
+
+
+def register_models() -> None:
+    from transformers.models.auto.modeling_auto import AutoModel, AutoModelForCausalLM
+
+    from .configuration_qwen import QWenConfig
+    from .modeling_qwen import QWenLMHeadModel, QWenModel
+
+    AutoModel.register(QWenConfig, QWenModel, exist_ok=True)
+    AutoModelForCausalLM.register(QWenConfig, QWenLMHeadModel, exist_ok=True)
+
+
+def register_all() -> None:
+    register_config()
+    register_tokenizer()
+    register_models()
+
+
+#: The transformers module whose import triggers each registration (see ``qwen_tune/__init__.py``).
+TRIGGERS = {
+    "transformers.models.auto.configuration_auto": register_config,
+    "transformers.models.auto.tokenization_auto": register_tokenizer,
+    "transformers.models.auto.modeling_auto": register_models,
+}
