@@ -4,7 +4,7 @@
 .from_pretrained(<Qwen-1 dir>)`` to build the bundled Qwen-1 classes. Importing transformers (and torch) here
 would cost every command, even ``qwen-tune --version``, seconds; so the registration runs when transformers'
 Auto modules load: now if they already are, else from a small import hook that removes itself once all three
-have fired. The registering code lives in ``qwen_tune.models.qwen1.register`` and is imported by name at that
+have fired. The registering code lives in ``qwen_tune.models.qwen1.auto_register`` and is imported by name at that
 moment: this package is the bottom layer and must not import the models layer itself.
 """
 
@@ -20,8 +20,8 @@ from typing import Any, Optional, Sequence
 
 __version__ = "0.1.0"
 
-_REGISTER_MODULE = "qwen_tune.models.qwen1.register"
-# The Auto module each registration needs (qwen_tune.models.qwen1.register.TRIGGERS maps them to functions).
+_REGISTER_MODULE = "qwen_tune.models.qwen1.auto_register"
+# The Auto module each registration needs (qwen_tune.models.qwen1.auto_register.TRIGGERS maps them to functions).
 _TRIGGERS = ("transformers.models.auto.configuration_auto", "transformers.models.auto.tokenization_auto",
              "transformers.models.auto.modeling_auto")
 

@@ -3,7 +3,7 @@
 The classes load on first use (``from qwen_tune.models.qwen1 import QWenLMHeadModel`` works as before): the
 tokenizer alone must not pull in torch, which the modeling code and transformers' config classes do. Registration
 with the transformers Auto classes happens as soon as those are imported, for any ``import qwen_tune`` (the hook
-in ``qwen_tune/__init__.py`` calls :mod:`.register`); :func:`register` does it now.
+in ``qwen_tune/__init__.py`` calls :mod:`.auto_register`); :func:`register` does it now.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def register() -> None:
     Registered (local) classes take precedence over a checkpoint's ``auto_map``: without ``trust_remote_code``,
     ``AutoModelForCausalLM.from_pretrained`` on an original Qwen-1 checkpoint builds the bundled classes.
     """
-    from .register import register_all
+    from .auto_register import register_all
 
     register_all()
 
