@@ -85,3 +85,26 @@ print(any(type(f).__name__ == "_AutoHook" for f in sys.meta_path))
     p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.split() == ["QWenConfig", "QWenTokenizer", "QWenLMHeadModel", "False"]
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_third_party_warnings_hidden_unless_verbose(verbose):
+    # What the CLI entry does before any command: transformers' and datasets' warnings (and Python warnings
+    # raised inside those libraries) are hidden by default, shown with --verbose / QWEN_TUNE_VERBOSE=1.
+    script = """
+import sys, warnings
+from qwen_tune.cli.main import _is_verbose, quiet_third_party
+quiet_third_party(_is_verbose(sys.argv[1:]))
+from transformers.utils import logging
+logging.get_logger("transformers.modeling_utils").warning("SPAM-transformers")
+import datasets.utils.logging as dl
+dl.get_logger("datasets.builder").warning("SPAM-datasets")
+print("ran")
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("QWEN_TUNE_VERBOSE", None)
+    env.pop("TRANSFORMERS_VERBOSITY", None)
+    p = subprocess.run([sys.executable, "-c", script, *(["--verbose"] if verbose else [])], capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert p.returncode == 0 and "ran" in p.stdout, p.stderr[-2000:]
+    assert ("SPAM-transformers" in p.stderr) == verbose and ("SPAM-datasets" in p.stderr) == verbose
