@@ -108,3 +108,20 @@ print("ran")
                        text=True, env=env, timeout=300)
     assert p.returncode == 0 and "ran" in p.stdout, p.stderr[-2000:]
     assert ("SPAM-transformers" in p.stderr) == verbose and ("SPAM-datasets" in p.stderr) == verbose
+
+
+def test_registration_when_the_model_module_is_imported_first():
+    # modeling_qwen's own imports load transformers' modeling_auto while it is half-initialized: the hook must
+    # not lose the registration (was: "could not register ... partially initialized module").
+    script = """
+import warnings
+warnings.simplefilter("error", UserWarning)
+import qwen_tune
+from qwen_tune.models.qwen1 import QWenConfig, QWenLMHeadModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+assert MODEL_FOR_CAUSAL_LM_MAPPING[QWenConfig] is QWenLMHeadModel
+print("ok")
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]

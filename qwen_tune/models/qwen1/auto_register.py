@@ -25,7 +25,14 @@ def register_tokenizer() -> None:
     AutoTokenizer.register(QWenConfig, slow_tokenizer_class=QWenTokenizer, exist_ok=True)
 
 
-def register_models() -> None:
+def register_models(*, from_modeling: bool = False) -> None:
+    """``from_modeling``: called at the end of modeling_qwen itself. Its own imports can load transformers'
+    modeling_auto while it is half-initialized; the hook then skips, and modeling_qwen registers when done."""
+    import sys
+
+    modeling = sys.modules.get(f"{__package__}.modeling_qwen")
+    if not from_modeling and modeling is not None and getattr(modeling.__spec__, "_initializing", False):
+        return
     from transformers.models.auto.modeling_auto import AutoModel, AutoModelForCausalLM
 
     from .configuration_qwen import QWenConfig

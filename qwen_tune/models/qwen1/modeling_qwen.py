@@ -384,3 +384,10 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
 
 
 __all__ = ["QWenModel", "QWenLMHeadModel", "QWenPreTrainedModel", "QWenBlock", "ntk_alpha"]
+
+# transformers' modeling_auto may have loaded during this module's own imports (the registration hook of
+# qwen_tune/__init__.py skipped it then): register now that the classes exist.
+if "transformers.models.auto.modeling_auto" in __import__("sys").modules:
+    from .auto_register import register_models
+
+    register_models(from_modeling=True)
