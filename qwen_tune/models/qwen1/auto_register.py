@@ -25,21 +25,17 @@ def register_tokenizer() -> None:
     AutoTokenizer.register(QWenConfig, slow_tokenizer_class=QWenTokenizer, exist_ok=True)
 
 
-def register_models(*, from_modeling: bool = False) -> None:
-    """``from_modeling``: called at the end of modeling_qwen itself. Its own imports can load transformers'
-    modeling_auto while it is half-initialized; the hook then skips, and modeling_qwen registers when done."""
+def register_models() -> None:
     import sys
 
+    # modeling_qwen's own imports can load transformers' modeling_auto while it is half-initialized: the hook
+    # skips then, and modeling_qwen registers its classes at its end.
     modeling = sys.modules.get(f"{__package__}.modeling_qwen")
-    if not from_modeling and modeling is not None and getattr(modeling.__spec__, "_initializing", False):
+    if modeling is not None and getattr(modeling.__spec__, "_initializing", False):
         return
-    from transformers.models.auto.modeling_auto import AutoModel, AutoModelForCausalLM
+    from .modeling_qwen import register_with_auto
 
-    from .configuration_qwen import QWenConfig
-    from .modeling_qwen import QWenLMHeadModel, QWenModel
-
-    AutoModel.register(QWenConfig, QWenModel, exist_ok=True)
-    AutoModelForCausalLM.register(QWenConfig, QWenLMHeadModel, exist_ok=True)
+    register_with_auto()
 
 
 def register_all() -> None:
