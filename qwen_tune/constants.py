@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-
-import torch
+from typing import Any
 
 #: Label of a position the loss ignores (transformers' and PyTorch's cross-entropy default).
 IGNORE_INDEX = -100
@@ -26,11 +25,22 @@ IM_END_ID = 151645
 DEFAULT_LOSS_CHUNK_SIZE = 1024
 
 # Dtypes by the short names recipes and the CLI use.
-TORCH_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES: dict[str, str] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # config.json spelling
 DTYPE_BYTES: dict[str, int] = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 CACHE_ENV = "QWEN_TUNE_CACHE"
+
+
+def __getattr__(name: str) -> Any:
+    """``TORCH_DTYPES`` is built on first use: importing torch here would cost every command, even
+    ``qwen-tune --version``, two seconds before it does anything."""
+    if name == "TORCH_DTYPES":
+        import torch
+
+        value = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def cache_root() -> Path:

@@ -64,5 +64,21 @@ def test_check_strict_fails_on_first_bad_record(capsys):
 
 def test_preview_shows_trained_spans(capsys):
     assert run_cli("data", "preview", str(EXAMPLES / "openai_messages.jsonl"), "-n", "1") == 0
-    out = capsys.readouterr().out
+    out = capsys.readouterr().out.replace("\u27e6", "").replace("\u27e7", "")  # the not-a-tty span marks
     assert "<|im_start|>system" in out and "<|im_start|>assistant" in out and "trained" in out
+
+
+def test_preview_piped_marks_trained_spans_in_plain_text(tmp_path, capsys):
+    # capsys is not a tty: what `qwen-tune data preview ... | less` or `> file` gets.
+    answer = ("The answer is [bold]not markup[/bold], and this sentence is long enough to be wrapped by rich " * 3).strip()
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"id": "[data]", "conversations": [{"from": "user", "value": "Question [q]?"},
+                                                                 {"from": "assistant", "value": answer}]}) + "\n")
+    assert run_cli("data", "preview", str(f)) == 0
+    out = capsys.readouterr().out
+    assert "id=[data]" in out and "[bold]not markup[/bold]" in out and "\x1b[" not in out
+    # ChatML reference masking: the assistant's answer and its <|im_end|> are trained, the prompt is not.
+    # Reference masking trains the answer, <|im_end|>, the "\n" after it and each <|im_start|>; never the prompt.
+    assert f"\u27e6{answer}<|im_end|>\n\u27e7" in out
+    assert "\u27e7user\nQuestion [q]?\u27e6<|im_end|>" in out
+    assert max(len(line) for line in out.splitlines()) > len(answer)  # one line, not wrapped at 80 columns

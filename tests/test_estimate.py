@@ -163,9 +163,12 @@ def test_methods_precision_and_checkpointing_order():
     no_gc = estimate_memory(make_recipe(method="lora", lora__target_modules=targets, data__max_len=2048,
                                         training__gradient_checkpointing=False), model_config=cfg)
     assert no_gc.activations > 5 * est["lora"].activations
-    # full training without DeepSpeed: bf16 weights -> bf16 AdamW states; fp32 weights -> fp32 master + states
-    full_bf16 = est["full"]
+    # full training without DeepSpeed under bf16 autocast loads fp32 master weights (train/precision.load_dtype):
+    # model.dtype=auto counts as fp32; an explicit model.dtype=bf16 trains bf16 weights with bf16 AdamW states.
+    full_auto = estimate_memory(make_recipe(method="full"), model_config=cfg)
+    full_bf16 = estimate_memory(make_recipe(method="full", model__dtype="bf16"), model_config=cfg)
     full_fp32 = estimate_memory(make_recipe(method="full", model__dtype="fp32"), model_config=cfg)
+    assert full_auto.weight_dtype == "fp32" and full_auto.weights == full_fp32.weights
     assert full_bf16.optimizer == 2 * full_bf16.weights
     assert full_fp32.weights == 2 * full_bf16.weights and full_fp32.optimizer == 2 * full_bf16.optimizer
 

@@ -10,8 +10,8 @@ import argparse
 import sys
 from typing import Any
 
-from ..data.chat_template import TemplateEncoder, make_encoder
-from ..data.template import DEFAULT_SYSTEM
+# The data and model modules (transformers, torch) are imported inside the command: `qwen-tune --help` builds
+# this parser and must not pay for them.
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -31,7 +31,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def build_prompt_ids(tokenizer: Any, system: str | None, history: list[tuple[str, str]], template: str = "auto",
                      template_kwargs: dict[str, Any] | None = None) -> list[int]:
     """Ids of the conversation so far plus the template's generation prompt, as in training."""
+    from ..data.chat_template import TemplateEncoder, make_encoder
     from ..data.formats import Conversation
+    from ..data.template import DEFAULT_SYSTEM
 
     enc = make_encoder(tokenizer, 10**9, template=template, system_prompt=system, template_kwargs=template_kwargs)
     if isinstance(enc, TemplateEncoder):
@@ -67,8 +69,14 @@ def _has_tokenizer(path: str) -> bool:
     return any((Path(path) / f).exists() for f in ("tokenizer.json", "qwen.tiktoken", "tokenizer_config.json"))
 
 
-def generate(model: Any, tokenizer: Any, ids: list[int], max_new_tokens: int, temperature: float) -> str:
+EMPTY_REPLY = "(the model produced an empty reply)"
+
+
+def generate(model: Any, tokenizer: Any, ids: list[int], max_new_tokens: int, temperature: float,
+             stream: Any = None) -> str:
+    """The reply to ``ids``; ``stream(text)`` (if given) receives it piece by piece as it is generated."""
     import torch
+    from transformers import TextStreamer
 
     from ..data.tokenizer import ENDOFTEXT, IM_END
 
@@ -76,13 +84,40 @@ def generate(model: Any, tokenizer: Any, ids: list[int], max_new_tokens: int, te
     vocab = model.get_input_embeddings().weight.shape[0]
     # Embedding rows past the tokenizer's vocabulary are padding: never sample them.
     suppress = list(range(len(tokenizer), vocab)) or None
+    if max_new_tokens <= 0:
+        return ""
+    streamer = None
+    if stream is not None:
+        class _Streamer(TextStreamer):  # transformers' decoding of whole words, to our callback (no newline)
+            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+                if text:
+                    stream(text)
+
+        streamer = _Streamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     inputs = torch.tensor([ids], device=model.device)
     with torch.no_grad():
         out = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=max_new_tokens,
                              do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
                              top_p=None, top_k=None, eos_token_id=stop, pad_token_id=stop[-1],
-                             suppress_tokens=suppress)
+                             suppress_tokens=suppress, streamer=streamer)
     return tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
+
+
+def _print_piece(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _reply(model: Any, tokenizer: Any, ids: list[int], args: argparse.Namespace, prefix: str = "") -> str:
+    """Streams the reply to stdout after ``prefix``; an empty (or whitespace-only) reply is said plainly."""
+    if prefix:
+        _print_piece(prefix)
+    answer = generate(model, tokenizer, ids, args.max_new_tokens, args.temperature, stream=_print_piece)
+    if answer.strip():
+        print()
+    else:
+        print(EMPTY_REPLY + ("" if not answer else f" ({len(answer)} whitespace characters)"))
+    return answer
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -94,9 +129,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     history: list[tuple[str, str]] = []
     if args.prompt is not None:
-        ids = prompt([("user", args.prompt)])
-        print(generate(model, tokenizer, ids, args.max_new_tokens, args.temperature))
+        _reply(model, tokenizer, prompt([("user", args.prompt)]), args)
         return 0
+    try:
+        import readline  # noqa: F401 - line editing and up-arrow history for input(), where the platform has it
+    except ImportError:
+        pass
     print("interactive chat: empty line or Ctrl-D to quit, /reset to clear history", file=sys.stderr)
     while True:
         try:
@@ -107,9 +145,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
             break
         if line == "/reset":
             history = []
+            print(f"(history cleared: a new conversation{'' if args.system is None else ', same system prompt'})")
             continue
         history.append(("user", line))
-        answer = generate(model, tokenizer, prompt(history), args.max_new_tokens, args.temperature)
-        print(f"assistant> {answer}")
+        answer = _reply(model, tokenizer, prompt(history), args, prefix="assistant> ")
         history.append(("assistant", answer))
     return 0

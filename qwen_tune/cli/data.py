@@ -8,13 +8,17 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import DatasetSpec
-from ..data.dataset import load_conversations
-from ..data.formats import Conversation, detect_file_format
-from ..data.report import DataReport
-from ..data.chat_template import make_encoder
-from ..data.template import IGNORE_INDEX, EncodedSample
-from ..data.tokenizer import load_tokenizer
+from typing import TYPE_CHECKING
+
+from ..constants import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from ..data.formats import Conversation
+    from ..data.report import DataReport
+    from ..data.template import EncodedSample
+
+# The data modules (datasets, transformers' tokenizers and Jinja) are imported inside the commands: building the
+# parser for `qwen-tune --help` must not pay for them.
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -47,7 +51,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     common(t)
     t.set_defaults(func=cmd_tokenize)
 
-    v = dsub.add_parser("preview", help="print rendered samples with trained spans highlighted")
+    v = dsub.add_parser("preview", help="print rendered samples with trained spans highlighted",
+                           description="Print rendered samples: on a terminal trained spans are green and ignored "
+                                       "ones dim; piped or redirected, the text is plain and unwrapped, trained "
+                                       f"spans wrapped in {TRAINED_OPEN} {TRAINED_CLOSE}.")
     v.add_argument("file")
     v.add_argument("-n", type=int, default=3, help="how many samples (default %(default)s)")
     common(v, max_len=8192)
@@ -64,13 +71,21 @@ class Encoded:
 
 
 def _encoder(args: argparse.Namespace, tokenizer: object, max_len: int) -> object:
+    from ..data.chat_template import make_encoder
+
     kwargs = {} if args.enable_thinking is None else {"enable_thinking": args.enable_thinking == "true"}
     return make_encoder(tokenizer, max_len, template=args.template, mask=args.mask, system_prompt=args.system,
                         truncation=args.truncation, template_kwargs=kwargs, origin=args.model)
 
 
 def encode_files(files: list[str], args: argparse.Namespace) -> Encoded:
-    tokenizer = load_tokenizer(args.model)
+    from ..config import DatasetSpec
+    from ..data.dataset import load_conversations
+    from ..data.formats import detect_file_format
+    from ..data.report import DataReport
+    from ..data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(args.model, inspect_only=True)
     encoder = _encoder(args, tokenizer, args.max_len)
     out = Encoded(DataReport("data", template=encoder.name), tokenizer=tokenizer)
     for f in files:
@@ -143,26 +158,45 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
+# Trained spans when stdout is not a terminal (a pipe, a file, a pager without colour): brackets that survive
+# any viewer, and that no tokenizer output contains in practice.
+TRAINED_OPEN, TRAINED_CLOSE = "\u27e6", "\u27e7"
+
+
+def _runs(tokenizer: object, s: EncodedSample) -> list[tuple[str, bool]]:
+    """(text, trained) runs; same-status tokens are decoded together so multi-byte characters stay whole."""
+    runs, start = [], 0
+    for i in range(1, len(s.input_ids) + 1):
+        if i == len(s.input_ids) or (s.labels[i] != IGNORE_INDEX) != (s.labels[start] != IGNORE_INDEX):
+            runs.append((tokenizer.decode(s.input_ids[start:i]), s.labels[start] != IGNORE_INDEX))
+            start = i
+    return runs
+
+
 def cmd_preview(args: argparse.Namespace) -> int:
+    enc = encode_files([args.file], args)
+    shown = enc.samples[: args.n]
+    heads = [f"── id={s.id} tokens={len(s.input_ids)}" + (" TRUNCATED" if s.truncated else "")
+             + (f" DROPPED: {s.drop_reason}" if s.drop_reason else "") for s in shown]
+    if not sys.stdout.isatty():
+        print(f"template: {enc.report.template}")
+        print(f"{TRAINED_OPEN}...{TRAINED_CLOSE} = trained (label kept), everything else = ignored (-100)")
+        for head, s in zip(heads, shown):
+            print(head)
+            print("".join(f"{TRAINED_OPEN}{t}{TRAINED_CLOSE}" if trained else t for t, trained in _runs(enc.tokenizer, s)))
+        print("\n".join(enc.report.lines()))
+        return 0
     from rich.console import Console
     from rich.text import Text
 
-    enc = encode_files([args.file], args)
-    tokenizer = enc.tokenizer
     console = Console(highlight=False)
     console.print(f"template: {enc.report.template}", markup=False)
     console.print("[bold green]green[/] = trained (label kept), [dim]dim[/] = ignored (-100)")
-    for s in enc.samples[: args.n]:
-        head = f"── id={s.id} tokens={len(s.input_ids)}" + (" TRUNCATED" if s.truncated else "")
-        console.print(head + (f" DROPPED: {s.drop_reason}" if s.drop_reason else ""), style="bold")
+    for head, s in zip(heads, shown):
+        console.print(head, style="bold", markup=False)  # ids like "[data]" are text, not rich markup
         text = Text()
-        start = 0
-        # Decode runs of same-status tokens together so multi-byte characters stay whole.
-        for i in range(1, len(s.input_ids) + 1):
-            if i == len(s.input_ids) or (s.labels[i] != IGNORE_INDEX) != (s.labels[start] != IGNORE_INDEX):
-                piece = tokenizer.decode(s.input_ids[start:i])
-                text.append(piece, style="bold green" if s.labels[start] != IGNORE_INDEX else "dim")
-                start = i
+        for piece, trained in _runs(enc.tokenizer, s):
+            text.append(piece, style="bold green" if trained else "dim")
         console.print(text)
-    console.print("\n".join(enc.report.lines()))
+    console.print("\n".join(enc.report.lines()), markup=False)
     return 0

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..config import load_recipe, read_json_object
+# config and the estimator load inside the command: `qwen-tune --help` builds this parser.
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -17,9 +17,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "config.json is read, never its weights.")
     p.add_argument("--recipe", required=True, help="recipe file, or a bundled recipe name")
     p.add_argument("--gpus", type=int, default=1, help="devices the run is split over (default %(default)s)")
+    p.add_argument("--model", default=None,
+                   help="the model to size (as model.path=...): a checkpoint dir, or a published model by name, e.g. "
+                        "qwen2.5-7b, Qwen/Qwen3-8B, qwen3-30b-a3b (presets: Qwen-1, Qwen2.5 0.5B-72B, Qwen3 "
+                        "0.6B-32B, Qwen3 30B-A3B / 235B-A22B)")
     p.add_argument("--config", default=None,
-                   help="config.json to size the model from instead of the recipe's model (a path, or a preset: "
-                        "qwen-1.8b, qwen-7b, qwen-14b, qwen-72b)")
+                   help="config.json to size the model from instead of the recipe's model (a path, or a preset name "
+                        "as for --model)")
     p.add_argument("--unit", choices=["GB", "GiB"], default="GB", help="GB = 10^9 bytes (default), GiB = 2^30")
     p.add_argument("--json", action="store_true", help="print the estimate as JSON (bytes)")
     p.add_argument("overrides", nargs="*", help="e.g. data.max_len=4096 training.loss=plain")
@@ -29,22 +33,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _model_config(spec: str | None) -> dict | None:
     if spec is None:
         return None
-    from ..estimate import QWEN1_PRESETS
+    from ..config import read_json_object
+    from ..estimate import MODEL_PRESETS, preset_config
 
-    if spec.lower() in QWEN1_PRESETS:
-        return dict(QWEN1_PRESETS[spec.lower()])
     path = Path(spec)
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"--config {spec}: no such config.json (presets: {', '.join(QWEN1_PRESETS)})")
+        preset = preset_config(spec)
+        if preset is not None:
+            return preset
+        raise FileNotFoundError(f"--config {spec}: no such config.json (presets: {', '.join(MODEL_PRESETS)})")
     return read_json_object(path, f"--config {spec}")
 
 
 def cmd_estimate(args: argparse.Namespace) -> int:
+    from ..config import load_recipe
     from ..estimate import estimate_memory
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    overrides = list(args.overrides) + ([f"model.path={args.model}"] if args.model else [])
+    recipe = load_recipe(args.recipe, overrides)
     est = estimate_memory(recipe, gpus=args.gpus, model_config=_model_config(args.config))
     if args.json:
         fields = ("weights", "gradients", "optimizer", "activations", "logits", "overhead", "total",

@@ -1,12 +1,24 @@
-"""`qwen-tune` entry point: subcommands are registered by their modules, errors print one clear line."""
+"""`qwen-tune` entry point: subcommands are registered by their modules, errors print one clear line.
+
+Each subcommand module imports torch / transformers / datasets inside its command function, so `--version`,
+`--help` and `recipes` answer in well under a second.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import warnings
 
 from .. import __version__
+
+VERBOSE_ENV = "QWEN_TUNE_VERBOSE"
+# Loggers of libraries whose INFO/WARNING chatter a user cannot act on (deprecations inside the libraries, "Setting
+# pad_token_id", DeepSpeed's op builder, torch's pytree notices). Errors still show.
+_QUIET_LOGGERS = ("transformers", "datasets", "deepspeed", "DeepSpeed", "torch", "accelerate", "peft", "torchao",
+                  "huggingface_hub", "urllib3", "filelock", "fsspec")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,7 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="qwen-tune", description="Fine-tune Qwen chat models.")
     parser.add_argument("--version", action="version", version=f"qwen-tune {__version__}")
-    sub = parser.add_subparsers(dest="cmd", required=True)
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help=f"show third-party warnings and logs (transformers, datasets, DeepSpeed, torch); "
+                             f"also {VERBOSE_ENV}=1")
+    sub = parser.add_subparsers(dest="cmd", metavar="COMMAND")
     train.add_parsers(sub)
     data.add_parser(sub)
     for name in ("export", "chat", "estimate", "quantize"):
@@ -23,15 +38,53 @@ def build_parser() -> argparse.ArgumentParser:
         except ImportError:
             continue
         module.add_parser(sub)
+    sub.add_parser("help", help="show this help (or `qwen-tune help COMMAND`)").add_argument("topic", nargs="?")
+    sub.add_parser("version", help="print the version")
     return parser
 
 
+def quiet_third_party(verbose: bool) -> None:
+    """Hide library warnings a user cannot act on, unless --verbose / QWEN_TUNE_VERBOSE=1.
+
+    Environment variables cover libraries not imported yet (and the torchrun children, which inherit them).
+    """
+    if verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "info")
+        return
+    for var, value in (("TRANSFORMERS_VERBOSITY", "error"), ("DATASETS_VERBOSITY", "error"),
+                       ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"), ("TORCH_CPP_LOG_LEVEL", "ERROR"),
+                       ("DS_ACCELERATOR_LOG_LEVEL", "error"), ("TF_CPP_MIN_LOG_LEVEL", "3"),
+                       ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+        os.environ.setdefault(var, value)
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        for module in ("transformers", "datasets", "deepspeed", "torch", "accelerate", "peft", "torchao"):
+            warnings.filterwarnings("ignore", category=category, module=module)
+
+
+def _is_verbose(argv: list[str]) -> bool:
+    return ("--verbose" in argv or "-v" in argv[:1]) or os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
 def main(argv: list[str] | None = None) -> int:
-    from ..config import ConfigError
+    argv = sys.argv[1:] if argv is None else list(argv)
+    quiet_third_party(_is_verbose(argv))
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.cmd in (None, "help"):
+        topic = getattr(args, "topic", None)
+        if topic:
+            return main([topic, "--help"])
+        parser.print_help()
+        return 0
+    if args.cmd == "version":
+        print(f"qwen-tune {__version__}")
+        return 0
+    from ..config import ConfigError  # after parsing: `--help` and `version` never need pydantic
     from ..data.formats import DataError
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except (ConfigError, DataError, FileNotFoundError) as e:

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from ..config import list_recipes, load_recipe
+# config (pydantic, YAML) and the training stack load inside the commands: `qwen-tune --help` builds this parser.
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -23,12 +23,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
+    from ..config import list_recipes
+
     for name, about in list_recipes():
         print(f"{name:18s} {about}")
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from ..config import load_recipe  # heavy imports stay inside commands: `qwen-tune --help` must start fast
     from .finetune_args import convert
 
     args.overrides, notes = convert(args.overrides)
@@ -84,7 +87,7 @@ def _print_next_steps(recipe, result) -> None:  # noqa: ANN001
     s = result.summary
     print("\n── training finished " + "─" * 40)
     print(f"steps {s['steps']}  loss {s['first_logged_loss']} -> {s['last_logged_loss']}  "
-          f"{s['tokens_per_s']} tokens/s  peak memory {s['peak_memory_gb']} GB  "
+          f"{s['tokens_per_s']} tokens/s  peak memory {s.get('peak_memory_gib', s['peak_memory_gb'])} GiB  "
           f"trainable {s['trainable_params']:,} / {s['total_params']:,}")
     out = result.output_dir
     print(f"outputs:      {out}  (recipe: {out}/qwen_tune_recipe.yaml, loss curve: {out}/loss_curve.png, "

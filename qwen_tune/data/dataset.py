@@ -16,9 +16,7 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
-
-import datasets
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from ..config import ConfigError, DataConfig, DatasetSpec
 from ..constants import cache_root
@@ -26,6 +24,12 @@ from .formats import Conversation, DataError, RawRecord, detect_file_format, lis
 from .report import DataReport
 from .chat_template import make_encoder
 from .template import TEMPLATE_VERSION
+
+if TYPE_CHECKING:
+    import datasets
+
+# `datasets` (pyarrow, pandas: ~1 s) is imported by the functions that use it, not here: `qwen-tune data ...`
+# reads local files through load_conversations and never needs it.
 
 log = logging.getLogger(__name__)
 COLUMNS = ["id", "input_ids", "labels", "length"]
@@ -57,6 +61,8 @@ def iter_raw_records(spec: DatasetSpec) -> Iterator[RawRecord]:
         for f in list_data_files(spec.path):
             yield from read_records(f)
         return
+    import datasets
+
     p = Path(spec.path)
     if p.exists():
         ds = datasets.load_from_disk(str(p))
@@ -169,6 +175,8 @@ def _encode_batch(batch: dict[str, list], encoder: Any) -> dict[str, list]:
 
 def tokenize(convs: list[Conversation], encoder: Any, report: DataReport, num_proc: int = 1) -> datasets.Dataset:
     """Tokenize with `datasets.map`, count truncations and drops into `report`, return the kept rows."""
+    import datasets
+
     raw = datasets.Dataset.from_list([c.to_dict() for c in convs]) if convs else \
         datasets.Dataset.from_dict({"id": [], "system": [], "roles": [], "texts": [], "extra": []})
     ds = raw.map(_encode_batch, fn_kwargs={"encoder": encoder}, batched=True, batch_size=512,
@@ -203,6 +211,8 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, seed: int = 42, use_cache: boo
     key = cache_key(cfg, tokenizer, seed, encoder.template_id)
     cached = root / "tokenized" / key
     if use_cache and (cached / "done.json").exists():
+        import datasets
+
         meta = json.loads((cached / "done.json").read_text())
         train = datasets.load_from_disk(str(cached / "train"))
         eval_ds = datasets.load_from_disk(str(cached / "eval")) if (cached / "eval").exists() else None
@@ -274,6 +284,8 @@ def _prepare_streaming(cfg: DataConfig, encoder: Any, seed: int) -> PreparedData
 
 def _streaming_dataset(cfg: DataConfig, encoder: Any) -> datasets.IterableDataset:
     """Lazy mode for data larger than memory: records are validated and encoded as they are read."""
+    import datasets
+
     def gen(specs: list[dict]) -> Iterable[dict]:
         for s in specs:
             spec = DatasetSpec(**s)

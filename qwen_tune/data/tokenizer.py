@@ -17,7 +17,7 @@ import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from ..config import ConfigError, read_json_object
 from ..constants import ENDOFTEXT, ENDOFTEXT_ID, IM_END, IM_END_ID, IM_START, IM_START_ID
@@ -80,6 +80,24 @@ def _looks_like_local_path(name: str) -> bool:
     )
 
 
+# Qwen1.5+ ship a tokenizer.json these classes only wrap: loading it as PreTrainedTokenizerFast gives the same
+# tokens without AutoTokenizer, whose config machinery imports torch (seconds of `qwen-tune data ...` start-up).
+_QWEN2_FAST_CLASSES = {"Qwen2Tokenizer", "Qwen2TokenizerFast"}
+
+
+def _is_qwen2_fast_dir(path: Path) -> bool:
+    cfg_file = path / "tokenizer_config.json"
+    if not (path / "tokenizer.json").is_file() or not cfg_file.is_file():
+        return False
+    return _read_json(cfg_file).get("tokenizer_class") in _QWEN2_FAST_CLASSES
+
+
+def _load_fast(path: Path) -> PreTrainedTokenizerBase:
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(str(path))
+
+
 def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
     if tokenizer.pad_token is not None and tokenizer.pad_token_id is not None:
         return
@@ -92,7 +110,7 @@ def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
         tokenizer.pad_token = ENDOFTEXT  # last resort, as asked: the Qwen pad token
 
 
-def load_tokenizer(path: str | os.PathLike | None = None) -> PreTrainedTokenizerBase:
+def load_tokenizer(path: str | os.PathLike | None = None, *, inspect_only: bool = False) -> PreTrainedTokenizerBase:
     """Load the tokenizer for a checkpoint.
 
     * ``None`` -> :class:`QWenTokenizer` over the bundled ``qwen.tiktoken``.
@@ -101,6 +119,10 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> PreTrainedTokenizer
       or a ``config.json`` with ``model_type`` ``"qwen"`` -> :class:`QWenTokenizer` (the directory's ``qwen.tiktoken``
       if present, else the bundled one; other settings from its ``tokenizer_config.json``).
     * anything else -> ``AutoTokenizer.from_pretrained(path)`` (Qwen1.5/2/2.5/3 ship their own tokenizer files).
+
+    ``inspect_only`` (``qwen-tune data ...``: the tokenizer is never saved) loads a Qwen1.5+ ``tokenizer.json`` as
+    ``PreTrainedTokenizerFast``: the same tokens, without importing torch; training keeps the checkpoint's own
+    class, which its saved ``tokenizer_config.json`` names.
 
     The result always has a pad token (``<|endoftext|>`` when the vocabulary has it, else the EOS token).
     Raises :class:`TokenizerLoadError` (an ``OSError``) naming the path if nothing loads.
@@ -120,11 +142,17 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> PreTrainedTokenizer
             if not (local / QWenTokenizer.vocab_files_names["vocab_file"]).is_file():
                 kwargs["vocab_file"] = str(QWEN_TIKTOKEN_PATH)
             tokenizer = QWenTokenizer.from_pretrained(str(local), **kwargs)
+        elif inspect_only and local.is_dir() and _is_qwen2_fast_dir(local):
+            tokenizer = _load_fast(local)
         elif local.is_dir():
+            from transformers import AutoTokenizer  # imports torch (its config classes do): only when needed
+
             tokenizer = AutoTokenizer.from_pretrained(str(local))
         elif _looks_like_local_path(name):
             raise FileNotFoundError(f"no such file or directory: {name}")
         else:
+            from transformers import AutoTokenizer  # a hub id: downloads anyway, torch's import is no matter
+
             tokenizer = AutoTokenizer.from_pretrained(name)
     except TokenizerLoadError:
         raise

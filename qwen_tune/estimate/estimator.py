@@ -329,6 +329,9 @@ def estimate_memory(recipe: Recipe, gpus: int = 1, model_config: dict[str, Any] 
     cfg = model_config if model_config is not None else load_model_config(recipe)
     shape = ModelShape.from_config(cfg)
     notes: list[str] = list(shape.notes)
+    if cfg.get("qwen_tune_preset"):
+        notes.insert(0, f"model {recipe.model.path!r}: no local config.json, sized from the published "
+                        f"{cfg['qwen_tune_preset']} config (estimate/presets.py)")
     details: dict[str, str] = {}
     recipe = as_sequences(recipe, notes)  # stage: dpo -> two sequences per pair (see .preference)
 

@@ -11,7 +11,8 @@ from ..checkpoint import detect_is_chat
 from ..config import Recipe, read_json_object
 from ..constants import DTYPE_BYTES
 from ..train.distributed import read_ds_config
-from .tables import QWEN1_PRESETS
+from ..train.precision import autocast_master_weights, load_dtype
+from .presets import MODEL_PRESETS, preset_config, preset_key
 
 
 def num(v: Any, auto: float) -> float:
@@ -35,9 +36,13 @@ def load_model_config(recipe: Recipe) -> dict[str, Any]:
             except Exception:  # noqa: BLE001 - not cached, or no hub client: explained below
                 path = None
     if path is None or not path.is_file():
+        # A published model by name (Qwen/Qwen2.5-7B-Instruct, qwen3-8b): its config facts, nothing downloaded.
+        preset = preset_config(recipe.model.path or "") if not recipe.model.from_config else None
+        if preset is not None:
+            return {**preset, "qwen_tune_preset": preset_key(recipe.model.path or "")}
         raise FileNotFoundError(f"no config.json for model {recipe.model.from_config or recipe.model.path!r}: set "
-                                "model.path to a local checkpoint directory, or pass --config path/to/config.json "
-                                f"(or a preset: {', '.join(QWEN1_PRESETS)})")
+                                "model.path to a local checkpoint directory or a published model's name, or pass "
+                                f"--config path/to/config.json (presets: {', '.join(MODEL_PRESETS)})")
     return read_json_object(path, str(path))
 
 
@@ -49,7 +54,9 @@ def is_chat(recipe: Recipe, cfg: dict[str, Any]) -> bool:
     if recipe.model.path and (Path(recipe.model.path) / "config.json").is_file():
         return detect_is_chat(recipe.model.path)
     name = (recipe.model.path or "").lower()
-    return "chat" in name or "instruct" in name or not name
+    # Qwen3's post-trained checkpoints carry no suffix (Qwen3-8B; the base model is Qwen3-8B-Base).
+    qwen3_chat = "qwen3" in name and "base" not in name
+    return "chat" in name or "instruct" in name or qwen3_chat or not name
 
 
 def quant_method(recipe: Recipe, cfg: dict[str, Any]) -> str:
@@ -95,7 +102,9 @@ def engine(recipe: Recipe, gpus: int, notes: list[str]) -> Engine:
         precision = t.precision
     b = DTYPE_BYTES[precision]
     half = b == 2
-    weight_dtype = recipe.model.dtype if recipe.model.dtype != "auto" else precision
+    # As training loads it: full fine-tuning under 16-bit autocast keeps fp32 master weights (train/precision.py).
+    weight_dtype = load_dtype(recipe.method, recipe.model.dtype, precision,
+                              autocast_master_weights(precision, recipe.deepspeed, t.use_cpu))
     p = DTYPE_BYTES[weight_dtype]
     ds = read_ds_config(recipe.deepspeed) if recipe.deepspeed else {}
     zo = ds.get("zero_optimization", {}) if ds else {}

@@ -1,10 +1,23 @@
-"""Bundled Qwen-1 architecture and tokenizer (laid out as transformers lays out a model folder). Importing this package registers it with the transformers Auto classes."""
+"""Bundled Qwen-1 architecture and tokenizer (laid out as transformers lays out a model folder).
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+The classes load on first use (``from qwen_tune.models.qwen1 import QWenLMHeadModel`` works as before): the
+tokenizer alone must not pull in torch, which the modeling code and transformers' config classes do. Registration
+with the transformers Auto classes happens as soon as those are imported, for any ``import qwen_tune`` (the hook
+in ``qwen_tune/__init__.py`` calls :mod:`.auto_register`); :func:`register` does it now.
+"""
 
-from .configuration_qwen import QWenConfig
-from .modeling_qwen import QWenLMHeadModel, QWenModel, QWenPreTrainedModel
-from .tokenization_qwen import QWenTokenizer
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "QWenConfig": "configuration_qwen",
+    "QWenModel": "modeling_qwen",
+    "QWenLMHeadModel": "modeling_qwen",
+    "QWenPreTrainedModel": "modeling_qwen",
+    "QWenTokenizer": "tokenization_qwen",
+}
 
 
 def register() -> None:
@@ -13,12 +26,17 @@ def register() -> None:
     Registered (local) classes take precedence over a checkpoint's ``auto_map``: without ``trust_remote_code``,
     ``AutoModelForCausalLM.from_pretrained`` on an original Qwen-1 checkpoint builds the bundled classes.
     """
-    AutoConfig.register("qwen", QWenConfig, exist_ok=True)
-    AutoModel.register(QWenConfig, QWenModel, exist_ok=True)
-    AutoModelForCausalLM.register(QWenConfig, QWenLMHeadModel, exist_ok=True)
-    AutoTokenizer.register(QWenConfig, slow_tokenizer_class=QWenTokenizer, exist_ok=True)
+    from .auto_register import register_all
+
+    register_all()
 
 
-register()
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["QWenConfig", "QWenModel", "QWenLMHeadModel", "QWenPreTrainedModel", "QWenTokenizer", "register"]

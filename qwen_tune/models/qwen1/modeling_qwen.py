@@ -384,3 +384,18 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
 
 
 __all__ = ["QWenModel", "QWenLMHeadModel", "QWenPreTrainedModel", "QWenBlock", "ntk_alpha"]
+
+def register_with_auto() -> None:
+    """AutoModel / AutoModelForCausalLM for model_type "qwen" (called by auto_register, and below)."""
+    from transformers.models.auto.modeling_auto import AutoModel, AutoModelForCausalLM
+
+    from .configuration_qwen import QWenConfig
+
+    AutoModel.register(QWenConfig, QWenModel, exist_ok=True)
+    AutoModelForCausalLM.register(QWenConfig, QWenLMHeadModel, exist_ok=True)
+
+
+# transformers' modeling_auto may have loaded during this module's own imports (the registration hook of
+# qwen_tune/__init__.py skipped it then): register now that the classes exist.
+if "transformers.models.auto.modeling_auto" in __import__("sys").modules:
+    register_with_auto()
