@@ -11,7 +11,7 @@ from pathlib import Path
 from ..config import DatasetSpec
 from ..data.dataset import load_conversations
 from ..data.formats import Conversation, detect_file_format
-from ..data.report import DataReport
+from ..data.report import DataReport, write_errors
 from ..data.chat_template import make_encoder
 from ..data.template import IGNORE_INDEX, EncodedSample
 from ..data.tokenizer import load_tokenizer
@@ -38,6 +38,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     c = dsub.add_parser("check", help="format, counts, length histogram, truncation/drop report")
     c.add_argument("files", nargs="+")
+    c.add_argument("--all", action="store_true", help="list every invalid / dropped record, not the first 3 per reason")
+    c.add_argument("--errors", default=None, metavar="FILE",
+                   help="write every invalid / dropped record as JSONL to FILE (e.g. data_errors.jsonl)")
     common(c)
     c.set_defaults(func=cmd_check)
 
@@ -90,7 +93,7 @@ def encode_files(files: list[str], args: argparse.Namespace) -> Encoded:
         out.report.ignored.update(s.notes)
         out.report.truncated += s.truncated
         if s.drop_reason:
-            out.report.add_drop(s.drop_reason, f"id={s.id!r}")
+            out.report.add_drop(s.drop_reason, f"id={s.id!r}", s.id)
         else:
             out.report.kept += 1
     return out
@@ -126,7 +129,10 @@ def cmd_check(args: argparse.Namespace) -> int:
                 print(f"  {label:>11} {n:6d} {'#' * max(1, round(40 * n / len(lengths)))}")
     over = sum(x > args.max_len for x in lengths)
     print(f"over max_len: {over} ({'dropped' if args.truncation == 'drop' else 'tail-truncated'})")
-    print(enc.report)
+    print("\n".join(enc.report.lines(all_locations=args.all)))
+    if args.errors:
+        n = write_errors(args.errors, [enc.report])
+        print(f"wrote {n} invalid / dropped record locations to {args.errors}")
     return 0
 
 

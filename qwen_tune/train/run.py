@@ -16,6 +16,7 @@ from transformers import TrainingArguments, set_seed
 from ..config import ConfigError, Recipe
 from ..data.collators import make_collator
 from ..data.dataset import PreparedData, prepare_data
+from ..data.report import write_errors
 from ..models.families import packing_is_exact
 from ..models.loading import build_from_config, resolve_precision
 from ..quant.backend import quantization_kwargs, resolve_quantized_precision
@@ -188,6 +189,7 @@ def build_data(recipe: Recipe, tokenizer: Any, args: TrainingArguments, out: Pat
             log.info(line)
     if args.should_save:
         (out / "data_report.json").write_text(json.dumps([r.to_dict() for r in data.reports], indent=2))
+        write_errors(out / "data_errors.jsonl", data.reports)  # every bad record, where the report has 3 a reason
     return data
 
 
