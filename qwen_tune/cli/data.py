@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import DatasetSpec
+from ..config import ConfigError, DatasetSpec
 from ..data.dataset import load_conversations
 from ..data.formats import Conversation, detect_file_format
 from ..data.report import DataReport, write_errors
@@ -35,6 +35,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--format", default="auto", choices=["auto", "qwen", "sharegpt", "openai", "alpaca"])
         q.add_argument("--truncation", choices=["cut", "drop"], default="cut")
         q.add_argument("--strict", action="store_true", help="stop at the first bad record")
+        q.add_argument("--columns", default=None, metavar="NAME=KEY,...",
+                       help="custom column names, as data.columns: e.g. prompt=instruction_text,response=output_text")
 
     c = dsub.add_parser("check", help="format, counts, length histogram, truncation/drop report")
     c.add_argument("files", nargs="+")
@@ -72,12 +74,21 @@ def _encoder(args: argparse.Namespace, tokenizer: object, max_len: int) -> objec
                         truncation=args.truncation, template_kwargs=kwargs, origin=args.model)
 
 
+def _columns(text: str | None) -> dict[str, str] | None:
+    if not text:
+        return None
+    pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
+    if any(len(p) != 2 for p in pairs):
+        raise ConfigError(f"--columns {text!r}: expected NAME=KEY pairs separated by commas")
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
 def encode_files(files: list[str], args: argparse.Namespace) -> Encoded:
     tokenizer = load_tokenizer(args.model)
     encoder = _encoder(args, tokenizer, args.max_len)
     out = Encoded(DataReport("data", template=encoder.name), tokenizer=tokenizer)
     for f in files:
-        spec = DatasetSpec(path=f, format=args.format)
+        spec = DatasetSpec(path=f, format=args.format, columns=_columns(args.columns))
         if spec.format == "auto":
             from ..data.dataset import iter_raw_records
 

@@ -22,7 +22,8 @@ import datasets
 
 from ..config import ConfigError, DataConfig, DatasetSpec
 from ..constants import cache_root
-from .formats import Conversation, DataError, RawRecord, detect_file_format, list_data_files, read_records, to_conversation
+from .formats import (Conversation, DataError, RawRecord, detect_file_format, list_data_files, read_records,
+                      remap_columns, to_conversation)
 from .report import DataReport
 from .chat_template import make_encoder
 from .template import TEMPLATE_VERSION
@@ -61,6 +62,15 @@ def looks_like_path(name: str) -> bool:
 
 def iter_raw_records(spec: DatasetSpec) -> Iterator[RawRecord]:
     """Records of a local file/directory, or rows of an HF dataset (hub name or save_to_disk dir)."""
+    if spec.columns:
+        for rec in _iter_raw(spec):
+            rec.value = remap_columns(rec.value, spec.columns, spec.format)
+            yield rec
+        return
+    yield from _iter_raw(spec)
+
+
+def _iter_raw(spec: DatasetSpec) -> Iterator[RawRecord]:
     if not _is_hf_dataset(spec):
         for f in list_data_files(spec.path):
             yield from read_records(f)

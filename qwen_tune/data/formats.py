@@ -80,6 +80,30 @@ class Conversation:
         return conv
 
 
+# LLaMA-Factory's dataset_info.json `columns` names -> the keys this module reads (`messages` depends on the format).
+_COLUMN_KEYS = {"prompt": "instruction", "query": "input", "response": "output", "history": "history",
+                "system": "system", "tools": "tools", "chosen": "chosen", "rejected": "rejected"}
+
+
+def remap_columns(value: Any, columns: dict[str, str] | None, fmt: str = "auto") -> Any:
+    """A record with its custom column names (data.columns) renamed to the standard ones; others untouched."""
+    if not columns or not isinstance(value, dict):
+        return value
+    out = dict(value)
+    for name, key in columns.items():
+        if key not in value:
+            continue
+        target = _COLUMN_KEYS.get(name)
+        if name == "messages":
+            turns = value[key]
+            first = turns[0] if isinstance(turns, list) and turns else None
+            openai = fmt == "openai" or (fmt == "auto" and isinstance(first, dict) and "role" in first)
+            target = "messages" if openai else "conversations"
+        if target and target != key:
+            out[target] = out.pop(key)
+    return out
+
+
 def detect_format(record: Any) -> Format | None:
     """Guess a record's format from its keys (None when nothing fits)."""
     if not isinstance(record, dict):
@@ -97,20 +121,26 @@ def detect_format(record: Any) -> Format | None:
 
 
 def detect_file_format(records: Iterable[RawRecord], sample: int = 50) -> Format:
-    """The format of a file: the majority vote over its first records."""
+    """The format of a file: the majority vote over its first records that decode."""
     votes: dict[str, int] = {}
-    first_file = "<data>"
-    for n, rec in enumerate(records):
+    first_file, decoded = "<data>", 0
+    for rec in records:
         first_file = rec.file
-        if n >= sample:
+        if rec.error is not None:
+            continue  # unreadable records say nothing about the format (and are reported one by one)
+        decoded += 1
+        if decoded > sample:
             break
-        fmt = detect_format(rec.value) if rec.error is None else None
+        fmt = detect_format(rec.value)
         if fmt:
             votes[fmt] = votes.get(fmt, 0) + 1
+    if not decoded:
+        return "qwen"  # no record decodes: under any format each is reported invalid, with its own location
     if not votes:
         raise DataError(first_file, "unknown_format",
                         "cannot detect the data format: expected records with `conversations` (Qwen/ShareGPT), "
-                        "`messages` (OpenAI) or `instruction`/`output` (Alpaca); set data.format to force one")
+                        "`messages` (OpenAI) or `instruction`/`output` (Alpaca); set data.format to force one, "
+                        "or data.columns to map other column names")
     return max(votes, key=votes.__getitem__)  # type: ignore[return-value]
 
 
