@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..config import Recipe
 from ..models.families import get_family
-from ..models.loading import detect_is_chat
+from ..checkpoint import detect_is_chat
 from .distributed import check_combination, zero_stage
 from .methods import lora_modules_to_save
 from .recipe_checks import check_recipe_on_this_machine

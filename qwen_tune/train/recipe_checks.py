@@ -53,7 +53,10 @@ def check_output_dir_writable(recipe: Recipe) -> None:
         why = "no space left on the device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
         raise ConfigError(f"output.dir: cannot write to {out}: {why}") from None
     finally:
-        probe.unlink(missing_ok=True)
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass  # nothing was created
     if free < MIN_FREE_BYTES:
         raise ConfigError(f"output.dir: {out} has only {free >> 20} MiB free; checkpoints need more")
 
