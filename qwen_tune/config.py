@@ -116,10 +116,15 @@ class DataConfig(_Section):
         # `data.path: x.json` and `data.eval_path: y.json` as short forms of one-element lists.
         if isinstance(v, dict):
             v = dict(v)
+            # A datasets value that is not a list is left for the schema to refuse, in one line.
             if "path" in v:
-                v.setdefault("datasets", []).insert(0, {"path": v.pop("path"), "format": v.pop("format", "auto")})
+                first = {"path": v.pop("path"), "format": v.pop("format", "auto")}
+                if isinstance(v.get("datasets") or [], list):
+                    v["datasets"] = [first, *(v.get("datasets") or [])]
             if "eval_path" in v:
-                v.setdefault("eval_datasets", []).insert(0, {"path": v.pop("eval_path")})
+                first = {"path": v.pop("eval_path")}
+                if isinstance(v.get("eval_datasets") or [], list):
+                    v["eval_datasets"] = [first, *(v.get("eval_datasets") or [])]
         return v
 
 
