@@ -148,7 +148,7 @@ def _get(rec: dict, where: str):
 def data_file(draw) -> dict:
     fmt = draw(st.sampled_from(sorted(FORMATS)))
     layout = draw(st.sampled_from(["jsonl", "json"]))
-    kinds = draw(st.lists(st.sampled_from(["valid"] + MALFORMED), min_size=1, max_size=16))
+    kinds = draw(st.lists(st.sampled_from(["valid"] + MALFORMED), min_size=6, max_size=20))
     kinds = [k for k in kinds if not (layout == "json" and k in SYNTAX_BREAKING)] + ["valid"]
     draw(st.randoms()).shuffle(kinds)
     rows = []

@@ -147,3 +147,12 @@ def test_columns_map_custom_names(tmp_path, tokenizer):
     assert prepare_data(cfg, tokenizer, use_cache=False).reports[0].kept == 2
     with pytest.raises(DataError, match="cannot detect the data format"):
         load_conversations(DatasetSpec(path=str(a)), DataReport())
+
+
+def test_data_check_columns_flag(tmp_path, capsys):
+    path = _jsonl(tmp_path / "c.jsonl", [json.dumps({"id": "x", "q": "hi", "a": "yo"})])
+    assert run_cli("data", "check", str(path), "--columns", "prompt=q,response=a") == 0
+    assert "1 kept" in capsys.readouterr().out
+    assert run_cli("data", "check", str(path), "--columns", "question=q") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --columns 'question=q': names are") and "\n" not in err

@@ -88,7 +88,12 @@ def encode_files(files: list[str], args: argparse.Namespace) -> Encoded:
     encoder = _encoder(args, tokenizer, args.max_len)
     out = Encoded(DataReport("data", template=encoder.name), tokenizer=tokenizer)
     for f in files:
-        spec = DatasetSpec(path=f, format=args.format, columns=_columns(args.columns))
+        try:
+            spec = DatasetSpec(path=f, format=args.format, columns=_columns(args.columns))
+        except ValueError as e:  # pydantic's ValidationError: an unknown column name
+            raise ConfigError(f"--columns {args.columns!r}: names are LLaMA-Factory's columns (prompt, query, "
+                              f"response, history, system, messages, tools, chosen, rejected): "
+                              f"{str(e).splitlines()[-2].strip()[:120] if str(e).count(chr(10)) else e}") from None
         if spec.format == "auto":
             from ..data.dataset import iter_raw_records
 
