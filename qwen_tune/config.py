@@ -5,8 +5,8 @@ Errors come back as one readable line per problem; an unknown key names the clos
 
 from __future__ import annotations
 
-import difflib
 import importlib.resources
+import logging
 import os
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .constants import DEFAULT_LOSS_CHUNK_SIZE
 from .recipe_paths import resolve_recipe_paths
+from .recipe_io import ConfigError, apply_overrides, format_errors, parse_override, read_json_object, read_recipe_file  # noqa: F401
 
 REPO_ROOT = Path(__file__).resolve().parent.parent  # the checkout, when running from one
 # Bundled recipes, DeepSpeed configs, model configs and example data are package data, so a wheel install has them.
@@ -23,10 +24,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent  # the checkout, when running
 PACKAGE_DIR = Path(str(importlib.resources.files("qwen_tune")))
 RECIPES_DIR = PACKAGE_DIR / "recipes"
 DS_CONFIGS_DIR = PACKAGE_DIR / "ds_configs"
-
-
-class ConfigError(ValueError):
-    """A recipe problem a user can fix; printed as-is, without a traceback."""
 
 
 class _Section(BaseModel):
@@ -50,17 +47,24 @@ class ModelConfig(_Section):
         return self
 
 
+ColumnName = Literal["prompt", "query", "response", "history", "system", "messages", "tools", "chosen", "rejected"]
+
+
 class DatasetSpec(_Section):
     path: str  # file, directory, HF hub name or a save_to_disk directory
     format: Literal["auto", "qwen", "sharegpt", "openai", "alpaca"] = "auto"
     weight: float = Field(1.0, gt=0)  # <1 subsamples, >1 repeats (deterministic with the seed)
     split: str = "train"  # for HF datasets
     name: Optional[str] = None  # HF dataset config name
+    # LLaMA-Factory dataset_info.json `columns` (prompt, query, response, history, system, messages, tools, chosen,
+    # rejected) -> this dataset's own key names; None = data.columns (or the standard names).
+    columns: Optional[dict[ColumnName, str]] = None
 
 
 class DataConfig(_Section):
     datasets: list[DatasetSpec] = Field(default_factory=list)
     eval_datasets: list[DatasetSpec] = Field(default_factory=list)
+    columns: dict[ColumnName, str] = Field(default_factory=dict)  # default column mapping of every dataset
     eval_split_ratio: float = Field(0.0, ge=0, lt=1)
     max_len: int = Field(512, gt=8)  # the reference's model_max_length
     # auto = the checkpoint's chat_template when it has one, else Qwen-1's reference ChatML; checkpoint insists
@@ -73,9 +77,9 @@ class DataConfig(_Section):
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)  # any other template variable
     truncation: Literal["cut", "drop"] = "cut"
     packing: bool = True
-    pad_to_multiple_of: Optional[int] = None
+    pad_to_multiple_of: Optional[int] = Field(None, gt=0)
     strict: bool = False
-    num_proc: int = 1
+    num_proc: int = Field(1, ge=1)
     cache_dir: Optional[str] = None
     streaming: bool = False
 
@@ -95,6 +99,13 @@ class DataConfig(_Section):
             raise ValueError("set enable_thinking once: data.enable_thinking or data.chat_template_kwargs, not both")
         return self
 
+    @model_validator(mode="after")
+    def _default_columns(self) -> "DataConfig":
+        for spec in self.datasets + self.eval_datasets:
+            if spec.columns is None and self.columns:
+                spec.columns = dict(self.columns)
+        return self
+
     @property
     def template_kwargs(self) -> dict[str, Any]:
         extra = {} if self.enable_thinking is None else {"enable_thinking": self.enable_thinking}
@@ -106,16 +117,21 @@ class DataConfig(_Section):
         # `data.path: x.json` and `data.eval_path: y.json` as short forms of one-element lists.
         if isinstance(v, dict):
             v = dict(v)
+            # A datasets value that is not a list is left for the schema to refuse, in one line.
             if "path" in v:
-                v.setdefault("datasets", []).insert(0, {"path": v.pop("path"), "format": v.pop("format", "auto")})
+                first = {"path": v.pop("path"), "format": v.pop("format", "auto")}
+                if isinstance(v.get("datasets") or [], list):
+                    v["datasets"] = [first, *(v.get("datasets") or [])]
             if "eval_path" in v:
-                v.setdefault("eval_datasets", []).insert(0, {"path": v.pop("eval_path")})
+                first = {"path": v.pop("eval_path")}
+                if isinstance(v.get("eval_datasets") or [], list):
+                    v["eval_datasets"] = [first, *(v.get("eval_datasets") or [])]
         return v
 
 
 class LoraConfig(_Section):
     r: int = Field(64, gt=0)
-    alpha: int = 16
+    alpha: int = Field(16, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: Union[Literal["auto", "all-linear"], list[str]] = "auto"
     bias: Literal["none", "all", "lora_only"] = "none"
@@ -130,27 +146,29 @@ class QuantConfig(_Section):
 
 
 class TrainingConfig(_Section):
-    epochs: float = 1.0
-    max_steps: int = -1
-    batch_size: int = 1  # per device; with packing, samples flattened into one row
-    grad_accum: int = 8
-    lr: float = 3e-4
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, ge=-1)  # -1 = run `epochs`
+    batch_size: int = Field(1, ge=1)  # per device; with packing, samples flattened into one row
+    grad_accum: int = Field(8, ge=1)
+    lr: float = Field(3e-4, gt=0)
     scheduler: str = "cosine"
-    warmup_ratio: float = 0.01
-    weight_decay: float = 0.1
-    adam_beta2: float = 0.95
-    max_grad_norm: float = 1.0
+    # A share of the steps: transformers reads a warmup_steps below 1 as a ratio, so 1 or more would silently
+    # become a step count.
+    warmup_ratio: float = Field(0.01, ge=0, lt=1)
+    weight_decay: float = Field(0.1, ge=0)
+    adam_beta2: float = Field(0.95, gt=0, lt=1)
+    max_grad_norm: float = Field(1.0, ge=0)
     # "auto": on only when the memory estimator says the step would not fit this device without it (decided by
     # `qwen-tune train`; run_training alone treats an unresolved auto as on); ~30% more compute when on
     gradient_checkpointing: Union[Literal["auto"], bool] = "auto"
     seed: int = 42
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     loss: Literal["chunked", "plain"] = "chunked"
-    loss_chunk_size: int = DEFAULT_LOSS_CHUNK_SIZE  # rows of logits alive at once: 1024 x 151,936 x 4 B = 0.6 GB
+    loss_chunk_size: int = Field(DEFAULT_LOSS_CHUNK_SIZE, ge=1)  # rows of logits alive at once: 1024 x 151,936 x 4 B = 0.6 GB
     compile_loss: Optional[bool] = None  # torch.compile'd loss chunk: ~4x less softmax time, one 15-90 s compile; None: big chunks
     freeze: list[str] = Field(default_factory=list)  # full method: parameter name substrings kept frozen
-    eval_steps: Optional[int] = None
-    dataloader_workers: int = 0
+    eval_steps: Optional[int] = Field(None, ge=1)
+    dataloader_workers: int = Field(0, ge=0)
     use_cpu: Optional[bool] = None  # None = CPU when no accelerator is visible
 
 
@@ -169,11 +187,11 @@ class PreferenceConfig(_Section):
 
 class OutputConfig(_Section):
     dir: str = "outputs/run"
-    save_steps: int = 100
+    save_steps: int = Field(100, ge=1)
     save_every_minutes: float = Field(30.0, ge=0)  # also save when this long passed since the last save; 0 = off
-    save_total_limit: Optional[int] = 3
+    save_total_limit: Optional[int] = Field(3, ge=1)
     save_final: bool = True
-    logging_steps: int = 1
+    logging_steps: int = Field(1, ge=1)
     report_to: list[str] = Field(default_factory=lambda: ["tensorboard"])
     resume_from_checkpoint: Optional[str] = None  # "auto" = latest complete checkpoint in dir
     overwrite: bool = False
@@ -199,6 +217,15 @@ class Recipe(_Section):
             return str(PACKAGE_DIR / v)
         return v
 
+    @model_validator(mode="after")
+    def _lora_unused(self) -> "Recipe":
+        # A warning, not an error: `--recipe lora method=full` keeps the lora section and must still run.
+        if self.method == "full" and "lora" in self.model_fields_set and self.lora.model_fields_set:
+            logging.getLogger(__name__).warning(
+                "lora: %s ignored: method is full (every weight trains); remove the lora section or set method: lora",
+                ", ".join(sorted(self.lora.model_fields_set)))
+        return self
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
@@ -211,88 +238,6 @@ def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             keys += _all_keys(ann, prefix + name + ".")
     return keys
-
-
-# Names users bring from transformers' TrainingArguments and Qwen's finetune.py.
-_ALIASES = {
-    "learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
-    "gradient_accumulation_steps": "grad_accum", "lr_scheduler_type": "scheduler", "model_max_length": "max_len",
-    "output_dir": "dir", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "lora_target_modules": "target_modules",
-    "model_name_or_path": "path", "data_path": "path", "eval_data_path": "eval_path", "use_lora": "method",
-    "q_lora": "method", "bf16": "precision", "fp16": "precision", "save_total_limit": "save_total_limit",
-    # LLaMA-Factory's and TRL's preference names.
-    "pref_beta": "beta", "pref_loss": "loss", "loss_type": "loss", "pref_ftx": "sft_weight", "rpo_alpha": "sft_weight",
-    "gamma": "simpo_gamma",
-}
-
-
-def _closest_key(loc: str, valid: list[str]) -> str | None:
-    parent, _, leaf = loc.rpartition(".")
-    siblings = [k.rpartition(".")[2] for k in valid if k.rpartition(".")[0] == parent]
-    if _ALIASES.get(leaf) in siblings:
-        return f"{parent}.{_ALIASES[leaf]}" if parent else _ALIASES[leaf]
-    # A key in the wrong section (`training.max_len` -> `data.max_len`) before a fuzzy match.
-    anywhere = [k for k in valid if k.rpartition(".")[2] in (leaf, _ALIASES.get(leaf))]
-    if anywhere:
-        return anywhere[0]
-    near = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.6)
-    if near:
-        return f"{parent}.{near[0]}" if parent else near[0]
-    close = difflib.get_close_matches(loc, valid, n=1, cutoff=0.5)
-    return close[0] if close else None
-
-
-def _format_errors(e: ValidationError, source: str) -> str:
-    valid = _all_keys(Recipe) + [f"data.{k}" for k in ("path", "eval_path")]
-    lines = []
-    for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
-            close = _closest_key(loc, valid)
-            hint = f"; did you mean `{close}`?" if close else ""
-            lines.append(f"{source}: unknown key `{loc}`{hint}")
-        else:
-            got = err.get("input")
-            shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"{source}: `{loc or '<root>'}`: {err['msg']}{shown}")
-    return "\n".join(lines)
-
-
-def read_json_object(path: Path, what: str) -> dict[str, Any]:
-    """A JSON file that must hold an object; problems become one ConfigError line prefixed with `what`."""
-    import json
-
-    try:
-        cfg = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{what}: not valid JSON: {e}") from None
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{what}: must hold a JSON object")
-    return cfg
-
-
-def parse_override(item: str) -> tuple[list[str], Any]:
-    if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like key.sub=value")
-    key, raw = item.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw != "" else None
-    except yaml.YAMLError:
-        value = raw
-    return key.strip().split("."), value
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    for item in overrides:
-        path, value = parse_override(item)
-        node = data
-        for p in path[:-1]:
-            child = node.get(p)
-            if not isinstance(child, dict):
-                child = node[p] = {}
-            node = child
-        node[path[-1]] = value
-    return data
 
 
 def find_recipe(name: str | os.PathLike) -> Path:
@@ -316,17 +261,14 @@ def load_recipe(name: str | os.PathLike, overrides: list[str] | None = None) -> 
     (`data_examples/...`, `assets/...`, `ds_configs/...`) that is not found there falls back to the package's copy.
     """
     path = find_recipe(name)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a recipe must be a mapping of sections")
+    data = read_recipe_file(path)
     folder = Path(os.path.abspath(path.parent))
     bundled = folder == Path(os.path.abspath(RECIPES_DIR))
     resolve_recipe_paths(data, PACKAGE_DIR if bundled else folder, Path.cwd() if bundled else folder)
-    extra = resolve_recipe_paths(apply_overrides({}, overrides or []), Path.cwd(), Path.cwd())
-    return recipe_from_dict(_merge(data, extra), source=str(path), resolve=False)
+    overrides = overrides or []
+    extra = resolve_recipe_paths(apply_overrides({}, overrides), Path.cwd(), Path.cwd())
+    keys = {".".join(parse_override(o)[0]): o for o in overrides}
+    return recipe_from_dict(_merge(data, extra), source=str(path), resolve=False, overrides=keys)
 
 
 def _merge(data: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -338,14 +280,19 @@ def _merge(data: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def recipe_from_dict(data: dict[str, Any], source: str = "<recipe>", resolve: bool = True) -> Recipe:
-    """A recipe from a mapping; with `resolve`, its relative paths are taken relative to the cwd."""
+def recipe_from_dict(data: dict[str, Any], source: str = "<recipe>", resolve: bool = True,
+                     overrides: dict[str, str] | None = None) -> Recipe:
+    """A recipe from a mapping; with `resolve`, its relative paths are taken relative to the cwd. `overrides`
+    (dotted key -> the CLI item) lets an error name the override that caused it, not the file."""
     if resolve:
         resolve_recipe_paths(data, Path.cwd(), Path.cwd())
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, source)) from None
+        valid = _all_keys(Recipe) + [f"data.{k}" for k in ("path", "eval_path")]
+        raise ConfigError(format_errors(e, source, valid, overrides)) from None
+    except RecursionError:  # a value nested thousands deep (an override or a generated recipe)
+        raise ConfigError(f"{source}: a value is nested too deeply") from None
 
 
 def list_recipes() -> list[tuple[str, str]]:

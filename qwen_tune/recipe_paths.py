@@ -49,7 +49,8 @@ def resolve_recipe_paths(data: dict[str, Any], base: Path, out_base: Path) -> di
         if key in dat:
             dat[key] = _input_path(dat[key], base)
     for key in ("datasets", "eval_datasets"):
-        for spec in dat.get(key) or []:
+        specs = dat.get(key)
+        for spec in specs if isinstance(specs, list) else []:  # anything else is the schema's to report
             if isinstance(spec, dict) and "path" in spec:
                 spec["path"] = _input_path(spec["path"], base)
     if isinstance(dat.get("template"), str) and dat["template"].endswith((".jinja", ".j2")):

@@ -14,7 +14,7 @@ PKG = Path(__file__).resolve().parent.parent / "qwen_tune"
 MAX_LINES = 400
 
 LAYERS = {
-    "__init__": 0, "constants": 0, "config": 0, "recipe_paths": 0, "checkpoint": 0,
+    "__init__": 0, "constants": 0, "config": 0, "recipe_io": 0, "recipe_paths": 0, "checkpoint": 0,
     "models": 1,
     "data": 2, "verify": 2,
     "quant": 3,

@@ -380,6 +380,7 @@ def test_parse_size() -> None:
         parse_size("lots")
 
 
+<<<<<<< HEAD
 @pytest.fixture
 def small_tmpfs(tmp_path: Path):
     """An 80 MB filesystem to merge into (the tiny Qwen2 merge needs ~60 MB)."""
@@ -502,3 +503,22 @@ def test_base_trained_on_chat_leaves_as_a_chat_model(family: str, tmp_path: Path
         gen = json.loads((run / "generation_config.json").read_text())
         assert IM_END_ID in gen["eos_token_id"]
         assert json.loads((run / "tokenizer_config.json").read_text())["chat_template"]
+=======
+def test_links_out_of_the_base_never_reach_the_merged_output(qwen2_base: Path, qwen2_adapter: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    """A downloaded base with links to files elsewhere on the machine: the published output holds none of them."""
+    secret = tmp_path / "id_rsa"
+    secret.write_text("PRIVATE KEY")
+    base = tmp_path / "base"
+    shutil.copytree(qwen2_base, base)
+    (base / "notes.md").symlink_to(secret)
+    (base / "extra").mkdir()
+    (base / "extra" / "key.txt").symlink_to(secret)
+    (base / "home").symlink_to(tmp_path)
+    out = tmp_path / "merged"
+    rc = run_cli("merge-adapter", "--adapter", str(qwen2_adapter), "--base", str(base), "--out", str(out))
+    assert rc == 0, capsys.readouterr().err
+    assert (out / "custom_note.py").is_file()  # the base's own extra files are still copied
+    leaked = [p for p in out.rglob("*") if p.is_symlink() or (p.is_file() and "PRIVATE KEY" in p.read_text(errors="replace"))]
+    assert not leaked and not (out / "notes.md").exists() and not (out / "home").exists()
+>>>>>>> p2-hostile

@@ -39,9 +39,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--format", default="auto", choices=["auto", "qwen", "sharegpt", "openai", "alpaca"])
         q.add_argument("--truncation", choices=["cut", "drop"], default="cut")
         q.add_argument("--strict", action="store_true", help="stop at the first bad record")
+        q.add_argument("--columns", default=None, metavar="NAME=KEY,...",
+                       help="custom column names, as data.columns: e.g. prompt=instruction_text,response=output_text")
 
     c = dsub.add_parser("check", help="format, counts, length histogram, truncation/drop report")
     c.add_argument("files", nargs="+")
+    c.add_argument("--all", action="store_true", help="list every invalid / dropped record, not the first 3 per reason")
+    c.add_argument("--errors", default=None, metavar="FILE",
+                   help="write every invalid / dropped record as JSONL to FILE (e.g. data_errors.jsonl)")
     common(c)
     c.set_defaults(func=cmd_check)
 
@@ -78,8 +83,19 @@ def _encoder(args: argparse.Namespace, tokenizer: object, max_len: int) -> objec
                         truncation=args.truncation, template_kwargs=kwargs, origin=args.model)
 
 
+def _columns(text: str | None) -> dict[str, str] | None:
+    if not text:
+        return None
+    from ..config import ConfigError
+
+    pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
+    if any(len(p) != 2 for p in pairs):
+        raise ConfigError(f"--columns {text!r}: expected NAME=KEY pairs separated by commas")
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
 def encode_files(files: list[str], args: argparse.Namespace) -> Encoded:
-    from ..config import DatasetSpec
+    from ..config import ConfigError, DatasetSpec
     from ..data.dataset import load_conversations
     from ..data.formats import detect_file_format
     from ..data.report import DataReport
@@ -89,7 +105,12 @@ def encode_files(files: list[str], args: argparse.Namespace) -> Encoded:
     encoder = _encoder(args, tokenizer, args.max_len)
     out = Encoded(DataReport("data", template=encoder.name), tokenizer=tokenizer)
     for f in files:
-        spec = DatasetSpec(path=f, format=args.format)
+        try:
+            spec = DatasetSpec(path=f, format=args.format, columns=_columns(args.columns))
+        except ValueError as e:  # pydantic's ValidationError: an unknown column name
+            raise ConfigError(f"--columns {args.columns!r}: names are LLaMA-Factory's columns (prompt, query, "
+                              f"response, history, system, messages, tools, chosen, rejected): "
+                              f"{str(e).splitlines()[-2].strip()[:120] if str(e).count(chr(10)) else e}") from None
         if spec.format == "auto":
             from ..data.dataset import iter_raw_records
 
@@ -105,7 +126,7 @@ def encode_files(files: list[str], args: argparse.Namespace) -> Encoded:
         out.report.ignored.update(s.notes)
         out.report.truncated += s.truncated
         if s.drop_reason:
-            out.report.add_drop(s.drop_reason, f"id={s.id!r}")
+            out.report.add_drop(s.drop_reason, f"id={s.id!r}", s.id)
         else:
             out.report.kept += 1
     return out
@@ -141,7 +162,12 @@ def cmd_check(args: argparse.Namespace) -> int:
                 print(f"  {label:>11} {n:6d} {'#' * max(1, round(40 * n / len(lengths)))}")
     over = sum(x > args.max_len for x in lengths)
     print(f"over max_len: {over} ({'dropped' if args.truncation == 'drop' else 'tail-truncated'})")
-    print(enc.report)
+    print("\n".join(enc.report.lines(all_locations=args.all)))
+    if args.errors:
+        from ..data.report import write_errors
+
+        n = write_errors(args.errors, [enc.report])
+        print(f"wrote {n} invalid / dropped record locations to {args.errors}")
     return 0
 
 

@@ -87,8 +87,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, DataError, FileNotFoundError) as e:
+    except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # unreadable / unwritable / full: name the path, not a traceback
+        where = e.filename if e.filename is not None else ""
+        print(f"error: {where}{': ' if where else ''}{e.strerror or e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
         from ..train.trainer import CheckpointSaveError, NonFiniteLossError

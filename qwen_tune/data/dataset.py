@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from ..config import ConfigError, DataConfig, DatasetSpec
 from ..constants import cache_root
-from .formats import Conversation, DataError, RawRecord, detect_file_format, list_data_files, read_records, to_conversation
+from .formats import (Conversation, DataError, RawRecord, detect_file_format, list_data_files, read_records,
+                      remap_columns, to_conversation)
 from .report import DataReport
 from .chat_template import make_encoder
 from .template import TEMPLATE_VERSION
@@ -55,8 +56,25 @@ def _is_hf_dataset(spec: DatasetSpec) -> bool:
         or (Path(spec.path) / "state.json").exists()
 
 
+def looks_like_path(name: str) -> bool:
+    """A name no Hub dataset can have (./x, ../x, /x, ~/x, x.json, a/b/c): a missing local path, not a Hub id."""
+    if name.startswith(("./", "../", "/", "~", ".\\")) or Path(name).suffix.lower() in (
+            ".json", ".jsonl", ".txt", ".csv", ".parquet", ".arrow", ".yaml", ".yml", ".gz", ".zst"):
+        return True
+    return name.replace(os.sep, "/").count("/") > 1 or (os.sep != "/" and os.sep in name)
+
+
 def iter_raw_records(spec: DatasetSpec) -> Iterator[RawRecord]:
     """Records of a local file/directory, or rows of an HF dataset (hub name or save_to_disk dir)."""
+    if spec.columns:
+        for rec in _iter_raw(spec):
+            rec.value = remap_columns(rec.value, spec.columns, spec.format)
+            yield rec
+        return
+    yield from _iter_raw(spec)
+
+
+def _iter_raw(spec: DatasetSpec) -> Iterator[RawRecord]:
     if not _is_hf_dataset(spec):
         for f in list_data_files(spec.path):
             yield from read_records(f)
@@ -69,11 +87,17 @@ def iter_raw_records(spec: DatasetSpec) -> Iterator[RawRecord]:
         if isinstance(ds, datasets.DatasetDict):
             ds = ds[spec.split]
     else:
+        if looks_like_path(spec.path):
+            raise DataError(spec.path, "missing_file", "no such data file or directory (not looked up on the Hub: "
+                            "a Hub dataset is named org/name)")
+        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+            os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # datasets reads its own switch, then retries for 30 s
         try:
             ds = datasets.load_dataset(spec.path, spec.name, split=spec.split)
         except Exception as e:  # noqa: BLE001 - surfaced as a located, readable error
             raise DataError(spec.path, "missing_dataset",
-                            f"not a local file/directory and could not be loaded as a HF dataset: {e}") from None
+                            f"not a local file/directory and could not be loaded as a HF dataset: "
+                            f"{(str(e).splitlines() or [type(e).__name__])[0][:200]}") from None
     for i, row in enumerate(ds):
         yield RawRecord(spec.path, i, row)
 
@@ -191,7 +215,7 @@ def tokenize(convs: list[Conversation], encoder: Any, report: DataReport, num_pr
     ids = ds["id"]
     for r, i in zip(reasons, ids):
         if r:
-            report.add_drop(r, f"id={i!r}")
+            report.add_drop(r, f"id={i!r}", i)
     keep = [k for k, r in enumerate(reasons) if not r]
     report.kept += len(keep)
     return ds.select(keep).select_columns(COLUMNS)
@@ -260,6 +284,7 @@ def _report_from_dict(d: dict[str, Any]) -> DataReport:
     r = DataReport(d["name"], d["records"], d["kept"], d["truncated"], d["leading_assistant_dropped"],
                    Counter(d["skipped"]), Counter(d["dropped"]), d["examples"])
     r.template, r.ignored = d.get("template", ""), Counter(d.get("ignored", {}))
+    r.locations = d.get("locations", [])
     return r
 
 

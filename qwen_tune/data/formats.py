@@ -1,4 +1,6 @@
-"""Reading conversation data in the formats users already have, with located errors.
+"""Mapping records of the formats users already have onto conversations, with located errors.
+
+Files are read into raw records by reader.py; this module validates each record and maps it.
 
 Every record becomes a :class:`Conversation` (an optional system prompt plus user/assistant/tool
 turns, with tool calls, reasoning and tool definitions kept beside them). A bad record raises :class:`DataError` naming the file, the record
@@ -8,14 +10,15 @@ index (and id) and the field, so a user can fix their data instead of reading a 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, Iterable, Literal
+
+# Reading files lives in reader.py; re-exported here, where callers have always imported them from.
+from .reader import DATA_SUFFIXES, DataError, RawRecord, list_data_files, loads, read_records  # noqa: F401
 
 Format = Literal["qwen", "sharegpt", "openai", "alpaca"]
 FORMATS: tuple[str, ...] = ("qwen", "sharegpt", "openai", "alpaca")
-DATA_SUFFIXES = (".json", ".jsonl")
 
 # Role spellings of the conversation formats, mapped onto ChatML roles.
 _ROLES = {
@@ -77,113 +80,28 @@ class Conversation:
         return conv
 
 
-@dataclass
-class DataError(ValueError):
-    """A record (or a whole file) that cannot be used, located precisely."""
-
-    file: str
-    reason: str  # short machine-friendly key, used for per-reason counts
-    detail: str
-    index: int | None = None  # 0-based record index (line index for JSONL)
-    record_id: str | None = None
-    field: str | None = None
-    line: int | None = None
-
-    def __post_init__(self) -> None:
-        super().__init__(str(self))
-
-    @property
-    def location(self) -> str:
-        loc = self.file
-        if self.line is not None:
-            loc += f":{self.line}"
-        if self.index is not None:
-            loc += f" record {self.index}"
-        if self.record_id is not None:
-            loc += f" (id={self.record_id!r})"
-        if self.field is not None:
-            loc += f" field `{self.field}`"
-        return loc
-
-    def __str__(self) -> str:
-        return f"{self.location}: {self.detail}"
+# LLaMA-Factory's dataset_info.json `columns` names -> the keys this module reads (`messages` depends on the format).
+_COLUMN_KEYS = {"prompt": "instruction", "query": "input", "response": "output", "history": "history",
+                "system": "system", "tools": "tools", "chosen": "chosen", "rejected": "rejected"}
 
 
-@dataclass
-class RawRecord:
-    """One record as read from disk, before validation."""
-
-    file: str
-    index: int
-    value: Any = None
-    error: DataError | None = None
-    line: int | None = None
-
-
-def list_data_files(path: str | os.PathLike) -> list[Path]:
-    """A file, or every .json/.jsonl file under a directory (sorted, so order is stable)."""
-    p = Path(path)
-    if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.suffix in DATA_SUFFIXES and f.is_file())
-        if not files:
-            raise FileNotFoundError(f"{p}: directory holds no .json or .jsonl files")
-        return files
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: no such data file or directory")
-    return [p]
-
-
-def read_records(path: str | os.PathLike) -> Iterator[RawRecord]:
-    """Yield raw records of a JSON list or JSONL file.
-
-    A JSONL line that fails to decode becomes a RawRecord with an error (the rest of the
-    file is still read); a JSON list that fails to parse cannot be split into records, so
-    that raises a DataError for the whole file.
-    """
-    path = Path(path)
-    data = path.read_bytes()
-    head = data.lstrip()[:1]
-    if head == b"[" or (head == b"{" and path.suffix == ".json" and _is_single_json(data)):
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            line = data[: e.start].count(b"\n") + 1
-            raise DataError(str(path), "not_utf8", f"invalid UTF-8 at byte {e.start} (line {line})", line=line) from None
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(str(path), "invalid_json", f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}",
-                            line=e.lineno) from None
-        items = value if isinstance(value, list) else [value]
-        for i, item in enumerate(items):
-            yield RawRecord(str(path), i, item)
-        return
-    # JSONL: one record per non-empty line, errors kept per line.
-    index = 0
-    for lineno, raw in enumerate(data.splitlines(), start=1):
-        if not raw.strip():
+def remap_columns(value: Any, columns: dict[str, str] | None, fmt: str = "auto") -> Any:
+    """A record with its custom column names (data.columns) renamed to the standard ones; others untouched."""
+    if not columns or not isinstance(value, dict):
+        return value
+    out = dict(value)
+    for name, key in columns.items():
+        if key not in value:
             continue
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            err = DataError(str(path), "not_utf8", f"invalid UTF-8 at byte {e.start} of the line", index=index, line=lineno)
-            yield RawRecord(str(path), index, error=err, line=lineno)
-            index += 1
-            continue
-        try:
-            yield RawRecord(str(path), index, json.loads(text), line=lineno)
-        except json.JSONDecodeError as e:
-            err = DataError(str(path), "invalid_json", f"invalid JSON at column {e.colno}: {e.msg}", index=index, line=lineno)
-            yield RawRecord(str(path), index, error=err, line=lineno)
-        index += 1
-
-
-def _is_single_json(data: bytes) -> bool:
-    try:
-        json.loads(data)
-        return True
-    except (ValueError, UnicodeDecodeError):
-        return False
+        target = _COLUMN_KEYS.get(name)
+        if name == "messages":
+            turns = value[key]
+            first = turns[0] if isinstance(turns, list) and turns else None
+            openai = fmt == "openai" or (fmt == "auto" and isinstance(first, dict) and "role" in first)
+            target = "messages" if openai else "conversations"
+        if target and target != key:
+            out[target] = out.pop(key)
+    return out
 
 
 def detect_format(record: Any) -> Format | None:
@@ -203,20 +121,26 @@ def detect_format(record: Any) -> Format | None:
 
 
 def detect_file_format(records: Iterable[RawRecord], sample: int = 50) -> Format:
-    """The format of a file: the majority vote over its first records."""
+    """The format of a file: the majority vote over its first records that decode."""
     votes: dict[str, int] = {}
-    first_file = "<data>"
-    for n, rec in enumerate(records):
+    first_file, decoded = "<data>", 0
+    for rec in records:
         first_file = rec.file
-        if n >= sample:
+        if rec.error is not None:
+            continue  # unreadable records say nothing about the format (and are reported one by one)
+        decoded += 1
+        if decoded > sample:
             break
-        fmt = detect_format(rec.value) if rec.error is None else None
+        fmt = detect_format(rec.value)
         if fmt:
             votes[fmt] = votes.get(fmt, 0) + 1
+    if not decoded:
+        return "qwen"  # no record decodes: under any format each is reported invalid, with its own location
     if not votes:
         raise DataError(first_file, "unknown_format",
                         "cannot detect the data format: expected records with `conversations` (Qwen/ShareGPT), "
-                        "`messages` (OpenAI) or `instruction`/`output` (Alpaca); set data.format to force one")
+                        "`messages` (OpenAI) or `instruction`/`output` (Alpaca); set data.format to force one, "
+                        "or data.columns to map other column names")
     return max(votes, key=votes.__getitem__)  # type: ignore[return-value]
 
 
@@ -233,7 +157,12 @@ def to_conversation(rec: RawRecord, fmt: Format) -> Conversation:
 
     if not isinstance(value, dict):
         raise err("not_an_object", f"expected a JSON object, got {type(value).__name__}")
-    rid = str(value.get("id", f"{Path(rec.file).stem}-{rec.index}"))
+    bad = _unencodable(value)
+    if bad is not None:
+        # A lone surrogate (JSON "\\ud800") decodes to a str no tokenizer can encode: refuse it here, where
+        # `data check` and `train` both pass, rather than let the encoder crash on it.
+        raise err("invalid_text", "text holds a lone UTF-16 surrogate (not encodable as UTF-8)", bad)
+    rid = str(value["id"]) if value.get("id") is not None else f"{Path(rec.file).stem}-{rec.index}"
     ignored = [f"{k}" for k in _MEDIA_FIELDS if value.get(k)]
     tools = _tools(value, err) if fmt != "alpaca" else None
     if fmt == "alpaca":
@@ -260,15 +189,37 @@ def to_conversation(rec: RawRecord, fmt: Format) -> Conversation:
     return conv
 
 
+def _msg(e: ValueError) -> str:
+    return e.msg if isinstance(e, json.JSONDecodeError) else str(e)[:120]
+
+
+def _unencodable(value: Any) -> str | None:
+    """The path of the first string (or key) that is not encodable as UTF-8, found without recursion."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        where, v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return where.encode("utf-8", "backslashreplace").decode("utf-8") or "<record>"
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                stack += [(f"{where}.{k}".lstrip("."), k), (f"{where}.{k}".lstrip("."), x)]
+        elif isinstance(v, list):
+            stack += [(f"{where}[{i}]", x) for i, x in enumerate(v)]
+    return None
+
+
 def _tools(value: dict, err) -> list[Any] | None:
     tools = value.get("tools")
     if tools is None or tools == "" or tools == []:
         return None
     if isinstance(tools, str):  # LLaMA-Factory stores the tool list as a JSON string
         try:
-            tools = json.loads(tools)
-        except json.JSONDecodeError as e:
-            raise err("invalid_tools", f"`tools` is a string but not valid JSON: {e.msg}", "tools") from None
+            tools = loads(tools)
+        except ValueError as e:
+            raise err("invalid_tools", f"`tools` is a string but not valid JSON: {_msg(e)}", "tools") from None
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise err("invalid_tools", "`tools` must be a list of tool (function schema) objects", "tools")
     return tools or None
@@ -306,9 +257,9 @@ def _tool_call(call: Any, where: str, err) -> dict[str, Any]:
     args = fn.get("arguments", {})
     if isinstance(args, str):
         try:
-            args = json.loads(args) if args.strip() else {}
-        except json.JSONDecodeError as e:
-            raise err("invalid_tool_call", f"`arguments` is not valid JSON: {e.msg}", f"{where}.function.arguments") from None
+            args = loads(args) if args.strip() else {}
+        except ValueError as e:
+            raise err("invalid_tool_call", f"`arguments` is not valid JSON: {_msg(e)}", f"{where}.function.arguments") from None
     if not isinstance(args, dict):
         raise err("invalid_tool_call", "`arguments` must be a JSON object", f"{where}.function.arguments")
     out: dict[str, Any] = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
@@ -355,9 +306,9 @@ def _sharegpt_turn(t: Any, where: str, err, ignored: list[str]) -> tuple[str, st
         return role, text, {}
     # LLaMA-Factory: the value is a JSON call {"name", "arguments"} or a list of them.
     try:
-        calls = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise err("invalid_tool_call", f"a function_call value must be JSON: {e.msg}", f"{where}.value") from None
+        calls = loads(text)
+    except ValueError as e:
+        raise err("invalid_tool_call", f"a function_call value must be JSON: {_msg(e)}", f"{where}.value") from None
     calls = calls if isinstance(calls, list) else [calls]
     return "assistant", "", {"tool_calls": [_tool_call(c, f"{where}.value", err) for c in calls]}
 
@@ -367,7 +318,9 @@ def _alpaca_turns(value: dict, err) -> list[tuple[str, str, dict]]:
         if k not in value:
             raise err("missing_field", f"missing `{k}` (expected alpaca format)", k)
     for k in ("instruction", "input", "output", "system"):
-        if k in value and value[k] is not None and not isinstance(value[k], str):
+        # null is "absent" for the optional fields, never for the prompt or the reply.
+        optional = k in ("input", "system")
+        if k in value and not isinstance(value[k], str) and not (optional and value[k] is None):
             raise err("non_string_value", f"`{k}` must be a string, got {type(value[k]).__name__}", k)
     prompt = value["instruction"]
     if value.get("input"):

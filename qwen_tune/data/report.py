@@ -10,6 +10,8 @@ from .formats import DataError
 
 _REASON_TEXT = {
     "invalid_json": "invalid JSON",
+    "too_deep": "nested deeper than the JSON parser allows",
+    "invalid_text": "lone UTF-16 surrogate in a string",
     "not_utf8": "not valid UTF-8",
     "not_an_object": "record is not a JSON object",
     "missing_field": "missing field",
@@ -42,7 +44,7 @@ _REASON_TEXT = {
 
 @dataclass
 class DataReport:
-    """Counts per reason plus the first few locations of each, for one split."""
+    """Counts per reason, the first few locations of each for the summary, and every location for data_errors.jsonl."""
 
     name: str = "train"
     records: int = 0
@@ -55,14 +57,18 @@ class DataReport:
     max_examples: int = 3
     template: str = ""  # the chat template the split was rendered with
     ignored: Counter = field(default_factory=Counter)  # fields (or parts) not used, by name; samples kept
+    locations: list[dict[str, Any]] = field(default_factory=list)  # every invalid or dropped record
 
     def add_error(self, e: DataError) -> None:
         self.skipped[e.reason] += 1
         self._example(e.reason, str(e))
+        self.locations.append({"split": self.name, "kind": "invalid", **e.to_dict()})
 
-    def add_drop(self, reason: str, where: str) -> None:
+    def add_drop(self, reason: str, where: str, record_id: str | None = None) -> None:
         self.dropped[reason] += 1
         self._example(reason, where)
+        self.locations.append({"split": self.name, "kind": "dropped", "reason": reason, "id": record_id,
+                               "detail": where})
 
     def _example(self, reason: str, text: str) -> None:
         ex = self.examples.setdefault(reason, [])
@@ -77,9 +83,10 @@ class DataReport:
         return {"name": self.name, "records": self.records, "kept": self.kept, "truncated": self.truncated,
                 "leading_assistant_dropped": self.leading_assistant_dropped,
                 "skipped": dict(self.skipped), "dropped": dict(self.dropped), "examples": self.examples,
-                "template": self.template, "ignored": dict(self.ignored)}
+                "template": self.template, "ignored": dict(self.ignored), "locations": self.locations}
 
-    def lines(self) -> list[str]:
+    def lines(self, all_locations: bool = False) -> list[str]:
+        """The summary; `all_locations` lists every invalid / dropped record instead of the first few per reason."""
         out = [f"[{self.name}] {self.records} records read, {self.kept} kept, "
                f"{sum(self.skipped.values())} invalid, {sum(self.dropped.values())} dropped, {self.truncated} truncated"]
         if self.template:
@@ -90,10 +97,34 @@ class DataReport:
         for kind, counter in (("invalid", self.skipped), ("dropped", self.dropped)):
             for reason, n in counter.most_common():
                 out.append(f"  {kind}: {n} x {_REASON_TEXT.get(reason, reason)}")
-                out.extend(f"    e.g. {ex}" for ex in self.examples.get(reason, []))
+                if all_locations:
+                    out.extend(f"    at {_where(loc)}" for loc in self.locations if loc["reason"] == reason
+                               and loc["kind"] == kind)
+                    continue
+                shown = self.examples.get(reason, [])
+                out.extend(f"    e.g. {ex}" for ex in shown)
+                if n > len(shown):
+                    out.append(f"    ... {n - len(shown)} more (every one: `data check --all`, or data_errors.jsonl)")
         for what, n in self.ignored.most_common():
             out.append(f"  ignored (sample kept): {n} x {_REASON_TEXT.get(what, f'field `{what}`')}")
         return out
 
     def __str__(self) -> str:
         return "\n".join(self.lines())
+
+
+def _where(loc: dict[str, Any]) -> str:
+    if loc["kind"] == "dropped":
+        return loc["detail"]
+    return str(DataError(loc["file"], loc["reason"], loc["detail"], loc["index"], loc["id"], loc["field"], loc["line"]))
+
+
+def write_errors(path: Any, reports: list[DataReport]) -> int:
+    """Every invalid or dropped record of `reports`, one JSON object a line; returns how many."""
+    import json
+
+    rows = [loc for r in reports for loc in r.locations]
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+    return len(rows)

@@ -33,6 +33,8 @@ from trl.trainer.utils import FusedCausalLMOutput
 
 from ..config import ConfigError, Recipe
 from ..data.pairs import prepare_pairs
+from ..data.report import write_errors
+from .recipe_checks import check_recipe_on_this_machine
 from ..models.loading import build_from_config, resolve_precision
 from ..quant.backend import quantization_kwargs, resolve_quantized_precision
 from ..quant.training import prepare_loaded_model
@@ -165,6 +167,7 @@ def run_preference(recipe: Recipe, callbacks: list[Any] | None = None) -> RunRes
     _check_recipe(recipe)
     out = Path(recipe.output.dir)
     resume = _check_output_dir(out, recipe)
+    check_recipe_on_this_machine(recipe)
     check_combination(recipe)
     resolve_quantized_precision(recipe, _use_cpu(recipe))
     set_seed(recipe.training.seed)
@@ -199,6 +202,7 @@ def run_preference(recipe: Recipe, callbacks: list[Any] | None = None) -> RunRes
             log.info(line)
     if args.should_save:
         (out / "data_report.json").write_text(json.dumps([r.to_dict() for r in data.reports], indent=2))
+        write_errors(out / "data_errors.jsonl", data.reports)  # every bad record, where the report has 3 a reason
 
     model = apply_method(loaded.model, recipe, loaded.family, loaded.is_chat)
     trainable, total = count_parameters(model)

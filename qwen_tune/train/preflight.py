@@ -10,6 +10,7 @@ from ..config import Recipe
 from ..models.families import get_family
 from .distributed import check_combination, zero_stage
 from .methods import lora_modules_to_save
+from .recipe_checks import check_recipe_on_this_machine
 
 
 def _planned_trainable_embeddings(recipe: Recipe) -> bool:
@@ -34,4 +35,5 @@ def _planned_trainable_embeddings(recipe: Recipe) -> bool:
 
 def check_before_launch(recipe: Recipe) -> None:
     """Every method x engine refusal, before any process is spawned or any model loaded (one line, rank 0 alike)."""
+    check_recipe_on_this_machine(recipe)
     check_combination(recipe, trainable_embeddings=_planned_trainable_embeddings(recipe))

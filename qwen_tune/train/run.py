@@ -18,6 +18,7 @@ from ..models.chat_outputs import finish_chat_outputs
 from ..config import ConfigError, Recipe
 from ..data.collators import make_collator
 from ..data.dataset import PreparedData, prepare_data
+from ..data.report import write_errors
 from ..models.families import packing_is_exact
 from ..models.loading import build_from_config, resolve_precision
 from ..quant.backend import quantization_kwargs, resolve_quantized_precision
@@ -236,6 +237,7 @@ def build_data(recipe: Recipe, tokenizer: Any, args: TrainingArguments, out: Pat
             log.info(line)
     if args.should_save:
         (out / "data_report.json").write_text(json.dumps([r.to_dict() for r in data.reports], indent=2))
+        write_errors(out / "data_errors.jsonl", data.reports)  # every bad record, where the report has 3 a reason
     return data
 
 
