@@ -374,16 +374,13 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
 
-        out = CausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            hidden_states=outputs.hidden_states,
-            **{_CACHE_FIELD: outputs[_CACHE_FIELD] if _CACHE_FIELD in outputs else None},
-        )
+        out = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                     **{_CACHE_FIELD: outputs[_CACHE_FIELD] if _CACHE_FIELD in outputs else None})
         return out if return_dict else out.to_tuple()
 
 
 __all__ = ["QWenModel", "QWenLMHeadModel", "QWenPreTrainedModel", "QWenBlock", "ntk_alpha"]
+
 
 def register_with_auto() -> None:
     """AutoModel / AutoModelForCausalLM for model_type "qwen" (called by auto_register, and below)."""
@@ -395,7 +392,6 @@ def register_with_auto() -> None:
     AutoModelForCausalLM.register(QWenConfig, QWenLMHeadModel, exist_ok=True)
 
 
-# transformers' modeling_auto may have loaded during this module's own imports (the registration hook of
-# qwen_tune/__init__.py skipped it then): register now that the classes exist.
+# modeling_auto may have loaded during this module's imports (the hook in qwen_tune/__init__.py skipped it then).
 if "transformers.models.auto.modeling_auto" in __import__("sys").modules:
     register_with_auto()
