@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `qwen-tune recipes | head`: the reader left; say nothing, as other CLIs do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as e:  # unreadable / unwritable / full: name the path, not a traceback
         where = e.filename if e.filename is not None else ""
         print(f"error: {where}{': ' if where else ''}{e.strerror or e}", file=sys.stderr)
