@@ -98,3 +98,29 @@ def family_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             shutil.copy(src / "chat_template.jinja", d / "chat_template.jinja")
         out[family] = d
     return out
+
+
+@pytest.fixture
+def mount_tmpfs(tmp_path: Path):
+    """`mount_tmpfs(size_mb)` -> a directory on a fresh tmpfs of that size (a disk that fills up for real);
+    skips where a tmpfs cannot be mounted (it needs root). Unmounted after the test."""
+    import subprocess
+
+    mounted: list[Path] = []
+
+    def mount(size_mb: int) -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs needs root")
+        d = tmp_path / f"small_disk_{len(mounted)}"
+        d.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(d)],
+                           capture_output=True, text=True)
+        if r.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+        mounted.append(d)
+        return d
+
+    yield mount
+    for d in mounted:
+        subprocess.run(["umount", "-l", str(d)], check=False)
+

@@ -380,24 +380,10 @@ def test_parse_size() -> None:
         parse_size("lots")
 
 
-<<<<<<< HEAD
 @pytest.fixture
-def small_tmpfs(tmp_path: Path):
+def small_tmpfs(mount_tmpfs):
     """An 80 MB filesystem to merge into (the tiny Qwen2 merge needs ~60 MB)."""
-    import os
-    import subprocess
-
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    d = tmp_path / "small_disk"
-    d.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=80m", "tmpfs", str(d)], capture_output=True, text=True)
-    if r.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    try:
-        yield d
-    finally:
-        subprocess.run(["umount", "-l", str(d)], check=False)
+    return mount_tmpfs(80)
 
 
 def test_disk_full_during_merge(qwen2_base: Path, qwen2_adapter: Path, small_tmpfs: Path, monkeypatch: pytest.MonkeyPatch,
@@ -503,7 +489,8 @@ def test_base_trained_on_chat_leaves_as_a_chat_model(family: str, tmp_path: Path
         gen = json.loads((run / "generation_config.json").read_text())
         assert IM_END_ID in gen["eos_token_id"]
         assert json.loads((run / "tokenizer_config.json").read_text())["chat_template"]
-=======
+
+
 def test_links_out_of_the_base_never_reach_the_merged_output(qwen2_base: Path, qwen2_adapter: Path, tmp_path: Path,
                                                              capsys: pytest.CaptureFixture) -> None:
     """A downloaded base with links to files elsewhere on the machine: the published output holds none of them."""
@@ -521,4 +508,3 @@ def test_links_out_of_the_base_never_reach_the_merged_output(qwen2_base: Path, q
     assert (out / "custom_note.py").is_file()  # the base's own extra files are still copied
     leaked = [p for p in out.rglob("*") if p.is_symlink() or (p.is_file() and "PRIVATE KEY" in p.read_text(errors="replace"))]
     assert not leaked and not (out / "notes.md").exists() and not (out / "home").exists()
->>>>>>> p2-hostile

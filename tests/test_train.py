@@ -269,22 +269,9 @@ def test_tokens_per_s_excludes_the_first_step(bases, small_data, tmp_path):
 
 
 @pytest.fixture
-def small_tmpfs(tmp_path):
+def small_tmpfs(mount_tmpfs):
     """A 30 MB filesystem: one LoRA checkpoint of the tiny model (~19 MB, mostly tokenizer.json) fits, two do not."""
-    import os
-    import subprocess
-
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    d = tmp_path / "small_disk"
-    d.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=30m", "tmpfs", str(d)], capture_output=True, text=True)
-    if r.returncode:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
-    try:
-        yield d
-    finally:
-        subprocess.run(["umount", "-l", str(d)], check=False)
+    return mount_tmpfs(30)
 
 
 def test_disk_full_during_a_checkpoint_save(bases, small_data, small_tmpfs, capsys, caplog):

@@ -16,7 +16,7 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from ..config import ConfigError, DataConfig, DatasetSpec
 from ..constants import cache_root
@@ -107,20 +107,29 @@ def load_conversations(spec: DatasetSpec, report: DataReport, strict: bool = Fal
     fmt = spec.format
     if spec.format == "auto":
         fmt = detect_file_format(iter_raw_records(spec))
-    convs = []
+    convs = validate_records(spec, lambda rec: to_conversation(rec, fmt), report, strict)  # type: ignore[arg-type]
+    for conv in convs:
+        report.ignored.update(conv.ignored)
+    return convs
+
+
+def validate_records(spec: DatasetSpec, convert: Callable[[RawRecord], Any], report: DataReport,
+                     strict: bool = False) -> list[Any]:
+    """Every record of one dataset through `convert` (to a Conversation, or a preference Pair); a bad one is
+    located and counted in `report` (raised when strict), so read = kept + invalid."""
+    out = []
     for rec in iter_raw_records(spec):
         report.records += 1
         try:
-            conv = to_conversation(rec, fmt)  # type: ignore[arg-type]
+            item = convert(rec)
         except DataError as e:
             if strict:
                 raise
             report.add_error(e)
             continue
-        report.leading_assistant_dropped += conv.dropped_leading_assistant
-        report.ignored.update(conv.ignored)
-        convs.append(conv)
-    return convs
+        report.leading_assistant_dropped += item.dropped_leading_assistant
+        out.append(item)
+    return out
 
 
 def mix(groups: list[tuple[DatasetSpec, list[Conversation]]], seed: int) -> list[Conversation]:

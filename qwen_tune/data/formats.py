@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 # Reading files lives in reader.py; re-exported here, where callers have always imported them from.
 from .reader import DATA_SUFFIXES, DataError, RawRecord, list_data_files, loads, read_records  # noqa: F401
@@ -144,11 +144,14 @@ def detect_file_format(records: Iterable[RawRecord], sample: int = 50) -> Format
     return max(votes, key=votes.__getitem__)  # type: ignore[return-value]
 
 
-def to_conversation(rec: RawRecord, fmt: Format) -> Conversation:
-    """Validate one raw record and turn it into a Conversation, or raise a located DataError."""
+def record_locator(rec: RawRecord) -> Callable[..., DataError]:
+    """A factory of DataErrors naming the record's file, line, index and id, for validators of any record kind.
+
+    Raises the record's own reading error first, and refuses a record that is not a JSON object.
+    """
+    value = rec.value
     if rec.error is not None:
         raise rec.error
-    value = rec.value
 
     def err(reason: str, detail: str, fld: str | None = None) -> DataError:
         rid = value.get("id") if isinstance(value, dict) else None
@@ -157,6 +160,13 @@ def to_conversation(rec: RawRecord, fmt: Format) -> Conversation:
 
     if not isinstance(value, dict):
         raise err("not_an_object", f"expected a JSON object, got {type(value).__name__}")
+    return err
+
+
+def to_conversation(rec: RawRecord, fmt: Format) -> Conversation:
+    """Validate one raw record and turn it into a Conversation, or raise a located DataError."""
+    err = record_locator(rec)
+    value = rec.value
     bad = _unencodable(value)
     if bad is not None:
         # A lone surrogate (JSON "\\ud800") decodes to a str no tokenizer can encode: refuse it here, where

@@ -33,8 +33,9 @@ import datasets
 
 from ..config import DataConfig, DatasetSpec
 from .chat_template import make_encoder
-from .dataset import PreparedData, _report_from_dict, _save_cache, cache_key, default_cache_dir, iter_raw_records, mix
-from .formats import Conversation, DataError, RawRecord, to_conversation
+from .dataset import (PreparedData, _report_from_dict, _save_cache, cache_key, default_cache_dir, iter_raw_records, mix,
+                      validate_records)
+from .formats import Conversation, DataError, RawRecord, record_locator, to_conversation
 from .report import DataReport
 from .template import IGNORE_INDEX
 
@@ -131,17 +132,8 @@ def _prompt_conversation(rec: RawRecord, key: str, turns: list[Any], fmt: str, r
 
 def to_pair(rec: RawRecord, fmt: PairFormat) -> Pair:
     """Validate one raw record into a Pair, or raise a DataError naming file, record and field."""
-    if rec.error is not None:
-        raise rec.error
+    err = record_locator(rec)
     value = rec.value
-
-    def err(reason: str, detail: str, fld: str | None = None) -> DataError:
-        rid = value.get("id") if isinstance(value, dict) else None
-        return DataError(rec.file, reason, detail, index=rec.index, record_id=None if rid is None else str(rid),
-                         field=fld, line=rec.line)
-
-    if not isinstance(value, dict):
-        raise err("not_an_object", f"expected a JSON object, got {type(value).__name__}")
     for k in ("chosen", "rejected"):
         if k not in value:
             raise err("missing_field", f"missing `{k}` (a preference pair needs `chosen` and `rejected`)", k)
@@ -202,19 +194,7 @@ def load_pairs(spec: DatasetSpec, report: DataReport, strict: bool = False) -> l
     elif fmt not in PAIR_FORMATS:
         raise DataError(spec.path, "unknown_format", f"data.format={spec.format!r} is not a preference-pair "
                         f"format: use auto, {', '.join(PAIR_FORMATS)}")
-    pairs = []
-    for rec in iter_raw_records(spec):
-        report.records += 1
-        try:
-            pair = to_pair(rec, fmt)  # type: ignore[arg-type]
-        except DataError as e:
-            if strict:
-                raise
-            report.add_error(e)
-            continue
-        report.leading_assistant_dropped += pair.dropped_leading_assistant
-        pairs.append(pair)
-    return pairs
+    return validate_records(spec, lambda rec: to_pair(rec, fmt), report, strict)  # type: ignore[arg-type]
 
 
 class PairEncoder:

@@ -33,7 +33,6 @@ from trl.trainer.utils import FusedCausalLMOutput
 
 from ..config import ConfigError, Recipe
 from ..data.pairs import prepare_pairs
-from ..data.report import write_errors
 from .recipe_checks import check_recipe_on_this_machine
 from ..models.loading import build_from_config, resolve_precision
 from ..quant.backend import quantization_kwargs, resolve_quantized_precision
@@ -42,7 +41,8 @@ from .distributed import check_combination, init_distributed_for_cpu, quiet_non_
 from .loading import load_model
 from .logprobs import token_logprobs
 from .methods import apply_method, count_parameters
-from .run import RECIPE_FILE, RunResult, _check_output_dir, _copy_generation_config, _use_cpu, training_arguments
+from .run import (RECIPE_FILE, RunResult, _check_output_dir, _copy_generation_config, _use_cpu, report_data,
+                  training_arguments)
 from .summary import engine_info, summarize
 from .trainer import QwenTrainer
 
@@ -197,12 +197,7 @@ def run_preference(recipe: Recipe, callbacks: list[Any] | None = None) -> RunRes
 
     with args.main_process_first(desc="tokenizing pairs"):
         data = prepare_pairs(recipe.data, loaded.tokenizer, seed=recipe.training.seed)
-    for report in data.reports:
-        for line in report.lines():
-            log.info(line)
-    if args.should_save:
-        (out / "data_report.json").write_text(json.dumps([r.to_dict() for r in data.reports], indent=2))
-        write_errors(out / "data_errors.jsonl", data.reports)  # every bad record, where the report has 3 a reason
+    report_data(data.reports, args, out)
 
     model = apply_method(loaded.model, recipe, loaded.family, loaded.is_chat)
     trainable, total = count_parameters(model)

@@ -232,13 +232,19 @@ def build_data(recipe: Recipe, tokenizer: Any, args: TrainingArguments, out: Pat
     """Tokenized train/eval sets (main process first: the others read its cache); the data report is logged."""
     with args.main_process_first(desc="tokenizing"):
         data = prepare_data(recipe.data, tokenizer, seed=recipe.training.seed)
-    for report in data.reports:
+    report_data(data.reports, args, out)
+    return data
+
+
+def report_data(reports: list[Any], args: TrainingArguments, out: Path) -> None:
+    """The data reports in the log, in data_report.json, and every bad record in data_errors.jsonl (the report
+    itself shows 3 a reason)."""
+    for report in reports:
         for line in report.lines():
             log.info(line)
     if args.should_save:
-        (out / "data_report.json").write_text(json.dumps([r.to_dict() for r in data.reports], indent=2))
-        write_errors(out / "data_errors.jsonl", data.reports)  # every bad record, where the report has 3 a reason
-    return data
+        (out / "data_report.json").write_text(json.dumps([r.to_dict() for r in reports], indent=2))
+        write_errors(out / "data_errors.jsonl", reports)
 
 
 def build_trainable_model(recipe: Recipe, loaded: LoadedModel) -> tuple[torch.nn.Module, int, int]:
