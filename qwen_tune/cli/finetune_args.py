@@ -4,7 +4,8 @@ scripts' command lines keep working; an unknown flag names the closest known one
 from __future__ import annotations
 
 import difflib
-from ..config import _ALIASES, ConfigError, Recipe, _all_keys, _closest_key
+from ..config import ConfigError, Recipe, _all_keys
+from ..recipe_io import _ALIASES, _closest_key
 
 # Flags whose recipe key the closest-key table cannot infer (or would infer wrongly), and value conversions.
 _EXPLICIT = {"data_path": "data.path", "eval_data_path": "data.eval_path", "seed": "training.seed",
