@@ -102,8 +102,9 @@ dl.get_logger("datasets.builder").warning("SPAM-datasets")
 print("ran")
 """
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.pop("QWEN_TUNE_VERBOSE", None)
-    env.pop("TRANSFORMERS_VERBOSITY", None)
+    # an in-process CLI call earlier in the session (run_cli) set the quiet defaults in os.environ: start clean
+    for var in ("QWEN_TUNE_VERBOSE", "TRANSFORMERS_VERBOSITY", "DATASETS_VERBOSITY", "TRANSFORMERS_NO_ADVISORY_WARNINGS"):
+        env.pop(var, None)
     p = subprocess.run([sys.executable, "-c", script, *(["--verbose"] if verbose else [])], capture_output=True,
                        text=True, env=env, timeout=300)
     assert p.returncode == 0 and "ran" in p.stdout, p.stderr[-2000:]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import subprocess
 import sys
@@ -49,7 +50,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     recipe, why = resolve_gradient_checkpointing(recipe)
     if why and int(os.environ.get("RANK", "0")) == 0:
-        print(why, file=sys.stderr)
+        logging.getLogger("qwen_tune").info(why)  # with the run's other log lines (stderr stays for errors)
     from ..train.run import RunAlreadyFinished
 
     if recipe.stage == "dpo":

@@ -103,8 +103,10 @@ def engine(recipe: Recipe, gpus: int, notes: list[str]) -> Engine:
     b = DTYPE_BYTES[precision]
     half = b == 2
     # As training loads it: full fine-tuning under 16-bit autocast keeps fp32 master weights (train/precision.py).
-    weight_dtype = load_dtype(recipe.method, recipe.model.dtype, precision,
-                              autocast_master_weights(precision, recipe.deepspeed, t.use_cpu))
+    # SFT keeps fp32 master weights under 16-bit autocast (train/precision.py); the DPO runner loads the policy
+    # (and TRL's reference copy of it) in the training precision.
+    master = recipe.stage != "dpo" and autocast_master_weights(precision, recipe.deepspeed, t.use_cpu)
+    weight_dtype = load_dtype(recipe.method, recipe.model.dtype, precision, master)
     p = DTYPE_BYTES[weight_dtype]
     ds = read_ds_config(recipe.deepspeed) if recipe.deepspeed else {}
     zo = ds.get("zero_optimization", {}) if ds else {}

@@ -18,7 +18,7 @@ import torch
 
 from ..config import ConfigError, Recipe
 
-MIN_FREE_BYTES = 64 << 20  # less than this cannot hold even a LoRA checkpoint of the smallest Qwen
+MIN_FREE_BYTES = 16 << 20  # less than one small checkpoint: a disk this full fails at the first save
 
 
 def _use_cpu(recipe: Recipe) -> bool:
@@ -39,9 +39,16 @@ def check_device_settings(recipe: Recipe) -> None:
 
 
 def check_output_dir_writable(recipe: Recipe) -> None:
-    """Creates output.dir and writes a probe file: a read-only or full disk fails now, not at the first save."""
+    """Writes a probe file into output.dir: a read-only or full disk fails now, not at the first save. Folders it
+    had to create are removed again, so a run refused later leaves no stray output dir."""
+    if os.environ.get("RANK", "0") != "0":
+        return  # rank 0 probes (and may remove what it created): other ranks must not race it
     out = Path(recipe.output.dir)
     probe = out / f".qwen_tune_write_probe.{os.getpid()}"
+    created = out
+    while not created.parent.exists() and created.parent != created:
+        created = created.parent
+    created = None if created.exists() else created
     try:
         out.mkdir(parents=True, exist_ok=True)
         with open(probe, "wb") as fh:
@@ -55,6 +62,8 @@ def check_output_dir_writable(recipe: Recipe) -> None:
     finally:
         try:
             probe.unlink(missing_ok=True)
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
         except OSError:
             pass  # nothing was created
     if free < MIN_FREE_BYTES:
