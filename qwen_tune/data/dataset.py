@@ -230,6 +230,21 @@ def tokenize(convs: list[Conversation], encoder: Any, report: DataReport, num_pr
     return ds.select(keep).select_columns(COLUMNS)
 
 
+def cached_data(cfg: DataConfig, tokenizer: Any, seed: int, template_id: str,
+                use_cache: bool) -> tuple[Path, PreparedData | None]:
+    """The cache directory for this data + tokenizer + template, and what it holds when complete (else None)."""
+    root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    cached = root / "tokenized" / cache_key(cfg, tokenizer, seed, template_id)
+    if not (use_cache and (cached / "done.json").exists()):
+        return cached, None
+    import datasets
+
+    meta = json.loads((cached / "done.json").read_text())
+    train = datasets.load_from_disk(str(cached / "train"))
+    eval_ds = datasets.load_from_disk(str(cached / "eval")) if (cached / "eval").exists() else None
+    return cached, PreparedData(train, eval_ds, [_report_from_dict(r) for r in meta["reports"]], cached, True)
+
+
 def prepare_data(cfg: DataConfig, tokenizer: Any, seed: int = 42, use_cache: bool = True) -> PreparedData:
     """Everything between data specs in a recipe and the datasets the Trainer consumes."""
     if not cfg.datasets:
@@ -240,16 +255,9 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, seed: int = 42, use_cache: boo
     log.info("data: chat template %s, labels %s", encoder.name, encoder.mask)
     if cfg.streaming:
         return _prepare_streaming(cfg, encoder, seed)
-    root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    key = cache_key(cfg, tokenizer, seed, encoder.template_id)
-    cached = root / "tokenized" / key
-    if use_cache and (cached / "done.json").exists():
-        import datasets
-
-        meta = json.loads((cached / "done.json").read_text())
-        train = datasets.load_from_disk(str(cached / "train"))
-        eval_ds = datasets.load_from_disk(str(cached / "eval")) if (cached / "eval").exists() else None
-        return PreparedData(train, eval_ds, [_report_from_dict(r) for r in meta["reports"]], cached, True)
+    cached, hit = cached_data(cfg, tokenizer, seed, encoder.template_id, use_cache)
+    if hit is not None:
+        return hit
 
     train_report = DataReport("train")
     groups = [(s, load_conversations(s, train_report, cfg.strict)) for s in cfg.datasets]

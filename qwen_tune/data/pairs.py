@@ -20,7 +20,6 @@ code stays the single place that knows the chat format. Tokenized pairs are cach
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -33,8 +32,7 @@ import datasets
 
 from ..config import DataConfig, DatasetSpec
 from .chat_template import make_encoder
-from .dataset import (PreparedData, _report_from_dict, _save_cache, cache_key, default_cache_dir, iter_raw_records, mix,
-                      validate_records)
+from .dataset import PreparedData, _save_cache, cached_data, iter_raw_records, mix, validate_records
 from .formats import Conversation, DataError, RawRecord, record_locator, to_conversation
 from .report import DataReport
 from .template import IGNORE_INDEX
@@ -278,13 +276,9 @@ def prepare_pairs(cfg: DataConfig, tokenizer: Any, seed: int = 42, use_cache: bo
     encoder = PairEncoder(tokenizer, cfg.max_len, cfg.system_prompt, cfg.truncation, template=cfg.template,
                           template_kwargs=cfg.template_kwargs)
     log.info("data: preference pairs rendered with %s", encoder.name)
-    root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    cached = root / "tokenized" / cache_key(cfg, tokenizer, seed, f"{PAIRS_VERSION}:{encoder.template_id}")
-    if use_cache and (cached / "done.json").exists():
-        meta = json.loads((cached / "done.json").read_text())
-        train = datasets.load_from_disk(str(cached / "train"))
-        eval_ds = datasets.load_from_disk(str(cached / "eval")) if (cached / "eval").exists() else None
-        return PreparedData(train, eval_ds, [_report_from_dict(r) for r in meta["reports"]], cached, True)
+    cached, hit = cached_data(cfg, tokenizer, seed, f"{PAIRS_VERSION}:{encoder.template_id}", use_cache)
+    if hit is not None:
+        return hit
     train_report = DataReport("train")
     train_pairs = mix([(s, load_pairs(s, train_report, cfg.strict)) for s in cfg.datasets], seed)
     reports = [train_report]
