@@ -50,12 +50,40 @@ def test_light_commands_import_nothing_heavy(argv):
 
 def test_data_tokenize_does_not_import_torch(tmp_path, family_dirs):
     data = ROOT / "data_examples" / "sharegpt.json"
-    for model in (None, family_dirs["qwen2.5-instruct"]):  # Qwen-1 (tiktoken) and a Qwen2.5 tokenizer.json dir
-        args = ["data", "tokenize", "--data", str(data), "--out", str(tmp_path / "t.jsonl")]
-        result, _ = _probe(*args, *(["--model", str(model)] if model else []))
+    model = family_dirs["qwen2.5-instruct"]  # a Qwen2.5 tokenizer.json dir: transformers' fast tokenizer, no torch
+    args = ["data", "tokenize", "--data", str(data), "--out", str(tmp_path / "t.jsonl"), "--model", str(model)]
+    result, _ = _probe(*args)
+    assert result["rc"] == 0
+    assert not {"torch", "datasets"} & set(result["loaded"]), result["loaded"]
+    assert (tmp_path / "t.jsonl").read_text().count("\n") == 8
+
+
+def test_data_commands_on_chatml_import_no_transformers(tmp_path, tokenizer):
+    # Qwen-1's ChatML path reads the vocabulary with tiktoken alone: transformers (~1 s), torch, datasets,
+    # DeepSpeed and peft stay unloaded. The ids must equal what training's QWenTokenizer encodes.
+    from qwen_tune.data.chat_template import make_encoder
+    from qwen_tune.data.dataset import load_conversations
+    from qwen_tune.config import DatasetSpec
+    from qwen_tune.data.report import DataReport
+
+    qwen1_dir = tmp_path / "qwen1"
+    tokenizer.save_pretrained(qwen1_dir)  # qwen.tiktoken + tokenizer_config.json, as a Qwen-1 checkpoint ships it
+    heavy = {"torch", "transformers", "datasets", "deepspeed", "peft"}
+    data = ROOT / "data_examples" / "example.json"
+    convs = load_conversations(DatasetSpec(path=str(data)), DataReport("x"), False)
+    want = [{"id": s.id, "input_ids": s.input_ids, "labels": s.labels}
+            for s in make_encoder(tokenizer, 512).encode(convs) if not s.drop_reason]
+    assert want
+    for model in ([], ["--model", str(qwen1_dir)], ["--model", str(qwen1_dir / "qwen.tiktoken")]):
+        out = tmp_path / "t.jsonl"
+        result, _ = _probe("data", "tokenize", "--data", str(data), "--out", str(out), *model)
         assert result["rc"] == 0
-        assert not {"torch", "datasets"} & set(result["loaded"]), (model, result["loaded"])
-        assert (tmp_path / "t.jsonl").read_text().count("\n") == 8
+        assert not heavy & set(result["loaded"]), (model, result["loaded"])
+        assert [json.loads(line) for line in out.read_text().splitlines()] == want
+    for argv in (["data", "check", str(data)], ["data", "preview", str(data), "-n", "2"]):
+        result, stdout = _probe(*argv)
+        assert result["rc"] == 0 and "chatml" in stdout
+        assert not heavy & set(result["loaded"]), (argv, result["loaded"])
 
 
 def test_import_qwen_tune_alone_registers_qwen1(tmp_path):

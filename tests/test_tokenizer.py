@@ -20,6 +20,7 @@ from qwen_tune.data.tokenizer import (
     IM_START,
     IM_START_ID,
     QWEN_TIKTOKEN_PATH,
+    QWenTextTokenizer,
     QWenTokenizer,
     TokenizerLoadError,
     encode_texts,
@@ -244,6 +245,28 @@ def test_load_tokenizer_errors_name_the_path(tmp_path):
         load_tokenizer(missing)
     with pytest.raises(OSError):  # TokenizerLoadError is an OSError
         load_tokenizer(str(missing))
+
+
+def test_text_tokenizer_is_qwen_tokenizer_for_the_chatml_path(qwen, tmp_path):
+    # `qwen-tune data ...` reads Qwen-1 vocabularies with QWenTextTokenizer (tiktoken alone): everything the ChatML
+    # encoder and preview use must be QWenTokenizer's ids and text.
+    light = load_tokenizer(None, inspect_only=True, text_only=True)
+    assert isinstance(light, QWenTextTokenizer) and light.chat_template is None
+    assert encode_texts(light, SAMPLES) == encode_texts(qwen, SAMPLES)
+    assert len(light) == len(qwen) == light.vocab_size == 151851
+    tokens = [IM_START, IM_END, ENDOFTEXT, "<|extra_204|>", "user", "\u010a", "\u0120world", "not-a-token"]
+    assert light.convert_tokens_to_ids(tokens) == [qwen.convert_tokens_to_ids(t) for t in tokens]
+    ids = qwen.encode(SAMPLES[7] + SAMPLES[3]) + [151850] + encode_texts(qwen, ["\u4f60"])[0][:1]
+    for skip in (False, True):
+        assert light.decode(ids, skip_special_tokens=skip) == qwen.decode(ids, skip_special_tokens=skip)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        light.decode([151851])
+    qwen.save_pretrained(tmp_path / "q1")
+    for path in (tmp_path / "q1", tmp_path / "q1" / "qwen.tiktoken"):
+        assert isinstance(load_tokenizer(path, inspect_only=True, text_only=True), QWenTextTokenizer)
+    assert isinstance(load_tokenizer(None, text_only=True), QWenTokenizer)  # training never gets it
+    with pytest.raises(TokenizerLoadError, match="nowhere.tiktoken"):
+        load_tokenizer(tmp_path / "nowhere.tiktoken", inspect_only=True, text_only=True)
 
 
 # ---- Qwen2-style fast tokenizer export -----------------------------------------------------------------------------

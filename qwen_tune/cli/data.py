@@ -101,7 +101,8 @@ def encode_files(files: list[str], args: argparse.Namespace) -> Encoded:
     from ..data.report import DataReport
     from ..data.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(args.model, inspect_only=True)
+    # A Qwen-1 vocabulary renders as ChatML unless a .jinja file is given: tiktoken alone does, no transformers.
+    tokenizer = load_tokenizer(args.model, inspect_only=True, text_only=args.template in ("auto", "chatml", "checkpoint"))
     encoder = _encoder(args, tokenizer, args.max_len)
     out = Encoded(DataReport("data", template=encoder.name), tokenizer=tokenizer)
     for f in files:

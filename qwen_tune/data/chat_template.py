@@ -33,12 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from transformers.utils.chat_template_utils import render_jinja_template
-
 from ..config import ConfigError
 from .formats import Conversation
 from .template import DEFAULT_SYSTEM, IGNORE_INDEX, ChatMLEncoder, EncodedSample, TruncationMode
-from .tokenizer import IM_END, IM_START, QWenTokenizer
+from .tokenizer import IM_END, IM_START, is_qwen1_tokenizer
 
 log = logging.getLogger(__name__)
 TEMPLATE_SETTINGS = ("auto", "chatml", "checkpoint")
@@ -84,7 +82,7 @@ def resolve_template(setting: str, tokenizer: Any, origin: str | None = None) ->
     if setting in ("auto", "checkpoint"):
         # Qwen-1 checkpoints ship no template (QWenTokenizer's built-in one is only a ChatML convenience for
         # apply_chat_template): they train on the reference ChatML path, bit-identical to finetune.py.
-        tpl = None if isinstance(tokenizer, QWenTokenizer) else _tokenizer_template(tokenizer)
+        tpl = None if is_qwen1_tokenizer(tokenizer) else _tokenizer_template(tokenizer)
         if tpl is None:
             if setting == "checkpoint":
                 raise ChatTemplateError(f"data.template: checkpoint: {where} has no chat_template (neither in "
@@ -178,6 +176,9 @@ class TemplateEncoder:
     # ------------------------------------------------------------------ rendering
 
     def _render(self, messages: list[dict], tools: list | None, add_generation_prompt: bool) -> str:
+        # Imported here: the ChatML path (`qwen-tune data ...` on Qwen-1) never loads transformers.
+        from transformers.utils.chat_template_utils import render_jinja_template
+
         kwargs = {**self.tokenizer.special_tokens_map, **self.template_kwargs}  # as apply_chat_template does
         rendered, _ = render_jinja_template(conversations=[messages], tools=tools, chat_template=self.template.text,
                                             add_generation_prompt=add_generation_prompt, **kwargs)

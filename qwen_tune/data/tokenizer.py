@@ -7,23 +7,47 @@
   special-token strings typed in the text stay ordinary text (no role injection).
 
 The token constants, :class:`QWenTokenizer` and :func:`export_qwen2_tokenizer` are re-exported for the data layer.
+transformers (and the classes built on it) load on first use: `qwen-tune data ...` on Qwen-1's ChatML path reads
+the vocabulary through tiktoken alone (:class:`QWenTextTokenizer`) and never pays the ~1 s of importing it.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import sys
 import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
-
-from transformers import PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Any
 
 from ..config import ConfigError, read_json_object
 from ..constants import ENDOFTEXT, ENDOFTEXT_ID, IM_END, IM_END_ID, IM_START, IM_START_ID
-from ..models.qwen1.convert_tokenizer import export_qwen2_tokenizer
-from ..models.qwen1.tiktoken_bpe import EXTRAS, QWEN_PAT_STR, QWEN_TIKTOKEN_PATH, SPECIAL_TOKENS, _nfc
-from ..models.qwen1.tokenization_qwen import CHATML_TEMPLATE, QWenTokenizer
+from ..models.qwen1.tiktoken_bpe import (_SPECIAL_TO_ID, EXTRAS, QWEN_PAT_STR, QWEN_TIKTOKEN_PATH, SPECIAL_TOKENS,
+                                         _load_bpe, _nfc)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from ..models.qwen1.convert_tokenizer import export_qwen2_tokenizer
+    from ..models.qwen1.tokenization_qwen import CHATML_TEMPLATE, QWenTokenizer
+
+# Re-exports that import transformers: resolved on first access (PEP 562), not when this module loads.
+_LAZY = {"QWenTokenizer": "tokenization_qwen", "CHATML_TEMPLATE": "tokenization_qwen",
+         "export_qwen2_tokenizer": "convert_tokenizer"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if _LAZY[name] == "tokenization_qwen":
+        from ..models.qwen1 import tokenization_qwen as module
+    else:
+        from ..models.qwen1 import convert_tokenizer as module
+    value = getattr(module, name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "QWEN_TIKTOKEN_PATH",
@@ -38,10 +62,12 @@ __all__ = [
     "QWEN_PAT_STR",
     "CHATML_TEMPLATE",
     "QWenTokenizer",
+    "QWenTextTokenizer",
     "TokenizerLoadError",
     "load_tokenizer",
     "encode_texts",
     "export_qwen2_tokenizer",
+    "is_qwen1_tokenizer",
 ]
 
 
@@ -61,8 +87,11 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
+_QWEN1_VOCAB_FILE = "qwen.tiktoken"  # QWenTokenizer.vocab_files_names["vocab_file"]
+
+
 def _is_qwen1_dir(path: Path) -> bool:
-    if (path / QWenTokenizer.vocab_files_names["vocab_file"]).is_file():
+    if (path / _QWEN1_VOCAB_FILE).is_file():
         return True
     tokenizer_class = _read_json(path / "tokenizer_config.json").get("tokenizer_class")
     if isinstance(tokenizer_class, str):  # the tokenizer config decides when it names a class
@@ -110,7 +139,58 @@ def _ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> None:
         tokenizer.pad_token = ENDOFTEXT  # last resort, as asked: the Qwen pad token
 
 
-def load_tokenizer(path: str | os.PathLike | None = None, *, inspect_only: bool = False) -> PreTrainedTokenizerBase:
+class QWenTextTokenizer:
+    """Qwen-1's vocabulary through tiktoken alone, for reading data on the ChatML path (``qwen-tune data ...``).
+
+    :class:`QWenTokenizer` is a transformers ``PreTrainedTokenizer``, and importing transformers costs more than
+    tokenizing a whole small file; the ChatML encoder needs only plain-text ids, the control-token ids and decode,
+    which tiktoken gives with the same ids. Never saved and never given to a model: training loads QWenTokenizer.
+    """
+
+    chat_template = None  # Qwen-1 checkpoints train on the reference ChatML path
+    pad_token, pad_token_id, eos_token, eos_token_id = ENDOFTEXT, ENDOFTEXT_ID, ENDOFTEXT, ENDOFTEXT_ID
+
+    def __init__(self, vocab_file: str | os.PathLike | None = None, name_or_path: str = "") -> None:
+        self._bpe = _load_bpe(vocab_file)
+        self.vocab_file = str(self._bpe.path)
+        self.name_or_path = name_or_path or self.vocab_file
+
+    def __len__(self) -> int:
+        return self._bpe.n_vocab
+
+    @property
+    def vocab_size(self) -> int:
+        return self._bpe.n_vocab
+
+    def convert_tokens_to_ids(self, tokens: str | list[str]) -> int | None | list[int | None]:
+        if isinstance(tokens, str):
+            return _SPECIAL_TO_ID[tokens] if tokens in _SPECIAL_TO_ID else self._bpe.str_vocab.get(tokens)
+        return [self.convert_tokens_to_ids(t) for t in tokens]  # type: ignore[misc]
+
+    def encode_ordinary(self, texts: Sequence[str]) -> list[list[int]]:
+        """As :meth:`QWenTokenizer.encode_ordinary`: NFC, special-token strings as text."""
+        encode = self._bpe.encoding.encode_ordinary
+        return [encode(_nfc(text)) for text in texts]
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        ids = [int(i) for i in token_ids if not (skip_special_tokens and int(i) >= ENDOFTEXT_ID)]
+        bad = [i for i in ids if not 0 <= i < self._bpe.n_vocab]
+        if bad:
+            raise ValueError(f"cannot decode token ids {bad[:8]}: outside the vocabulary [0, {self._bpe.n_vocab})")
+        return self._bpe.encoding.decode(ids, errors="replace")
+
+
+def is_qwen1_tokenizer(tokenizer: Any) -> bool:
+    """A Qwen-1 tokenizer (either class): one that ships no chat template and trains on the ChatML path."""
+    if isinstance(tokenizer, QWenTextTokenizer):
+        return True
+    # A QWenTokenizer exists only once its module is loaded: asking must not import it (and transformers).
+    module = sys.modules.get("qwen_tune.models.qwen1.tokenization_qwen")
+    return module is not None and isinstance(tokenizer, module.QWenTokenizer)
+
+
+def load_tokenizer(path: str | os.PathLike | None = None, *, inspect_only: bool = False,
+                   text_only: bool = False) -> PreTrainedTokenizerBase | QWenTextTokenizer:
     """Load the tokenizer for a checkpoint.
 
     * ``None`` -> :class:`QWenTokenizer` over the bundled ``qwen.tiktoken``.
@@ -122,12 +202,18 @@ def load_tokenizer(path: str | os.PathLike | None = None, *, inspect_only: bool 
 
     ``inspect_only`` (``qwen-tune data ...``: the tokenizer is never saved) loads a Qwen1.5+ ``tokenizer.json`` as
     ``PreTrainedTokenizerFast``: the same tokens, without importing torch; training keeps the checkpoint's own
-    class, which its saved ``tokenizer_config.json`` names.
+    class, which its saved ``tokenizer_config.json`` names. ``text_only`` (with ``inspect_only``, when the data will
+    be rendered as ChatML) loads each Qwen-1 vocabulary above as :class:`QWenTextTokenizer`: without transformers.
 
     The result always has a pad token (``<|endoftext|>`` when the vocabulary has it, else the EOS token).
     Raises :class:`TokenizerLoadError` (an ``OSError``) naming the path if nothing loads.
     """
+    text_only = text_only and inspect_only
     if path is None:
+        if text_only:
+            return QWenTextTokenizer()
+        from ..models.qwen1.tokenization_qwen import QWenTokenizer
+
         tokenizer: PreTrainedTokenizerBase = QWenTokenizer()
         _ensure_pad_token(tokenizer)
         return tokenizer
@@ -135,13 +221,18 @@ def load_tokenizer(path: str | os.PathLike | None = None, *, inspect_only: bool 
     name = os.fspath(path)
     local = Path(name).expanduser()
     try:
-        if local.is_file() and local.suffix == ".tiktoken":
-            tokenizer = QWenTokenizer(vocab_file=local)
-        elif local.is_dir() and _is_qwen1_dir(local):
-            kwargs = {}
-            if not (local / QWenTokenizer.vocab_files_names["vocab_file"]).is_file():
-                kwargs["vocab_file"] = str(QWEN_TIKTOKEN_PATH)
-            tokenizer = QWenTokenizer.from_pretrained(str(local), **kwargs)
+        if (local.is_file() and local.suffix == ".tiktoken") or (local.is_dir() and _is_qwen1_dir(local)):
+            vocab = local if local.is_file() else local / _QWEN1_VOCAB_FILE
+            vocab = vocab if vocab.is_file() else QWEN_TIKTOKEN_PATH
+            if text_only:
+                return QWenTextTokenizer(vocab, name)
+            from ..models.qwen1.tokenization_qwen import QWenTokenizer
+
+            if local.is_file():
+                tokenizer = QWenTokenizer(vocab_file=local)
+            else:
+                kwargs = {} if vocab != QWEN_TIKTOKEN_PATH else {"vocab_file": str(QWEN_TIKTOKEN_PATH)}
+                tokenizer = QWenTokenizer.from_pretrained(str(local), **kwargs)
         elif inspect_only and local.is_dir() and _is_qwen2_fast_dir(local):
             tokenizer = _load_fast(local)
         elif local.is_dir():
@@ -193,7 +284,7 @@ def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> li
     if not texts:
         return []
 
-    if isinstance(tokenizer, QWenTokenizer):
+    if is_qwen1_tokenizer(tokenizer):
         return tokenizer.encode_ordinary(texts)
 
     backend = getattr(tokenizer, "tokenizer", None)  # the original remote-code Qwen-1 tokenizer wraps tiktoken
