@@ -47,3 +47,32 @@ def test_interactive_reset_is_confirmed(model_dir, capsys, monkeypatch):
     assert "(history cleared" in out
     replies = [line for line in out.splitlines() if line.startswith("user> assistant> ") or "assistant> " in line]
     assert len(replies) == 2 and replies[0].split("assistant> ")[1] == replies[1].split("assistant> ")[1]
+
+
+def test_chat_with_adapter_prints_only_the_reply(model_dir, tmp_path):
+    # peft's LoRA dispatcher imports gptqmodel whenever it is installed; its import banner, GIL notice and env
+    # notes went to stdout (through logbar) and torch's pytree warnings to stderr, around the reply.
+    import os
+    import subprocess
+    import sys
+    from importlib.util import find_spec
+    from pathlib import Path
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    adapter = tmp_path / "adapter"
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(r=4, target_modules=["q_proj"]))
+    lora.save_pretrained(adapter)
+    probe = ("import sys; from qwen_tune.cli.main import main; rc = main(sys.argv[1:]); "
+             "print('gptqmodel' in sys.modules, file=sys.stderr); sys.exit(rc)")
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k not in ("QWEN_TUNE_VERBOSE", "TORCH_LOGS")}
+    env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    p = subprocess.run([sys.executable, "-c", probe, "chat", "--model", str(model_dir), "--adapter", str(adapter),
+                        "-p", "Hello", "--max-new-tokens", "4"], capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    *noise, imported = p.stderr.splitlines()
+    assert imported == str(find_spec("gptqmodel") is not None and find_spec("optimum") is not None)
+    assert not noise, noise  # no banner, GIL notice, pytree or bitsandbytes warnings
+    assert p.stdout.count("\n") == 1 and p.stdout.strip(), repr(p.stdout)  # the reply line and nothing else

@@ -7,10 +7,16 @@ Each subcommand module imports torch / transformers / datasets inside its comman
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.abc
+import importlib.machinery
+import io
 import logging
 import os
 import sys
 import warnings
+from types import ModuleType
+from typing import Optional, Sequence
 
 from .. import __version__
 
@@ -18,7 +24,7 @@ VERBOSE_ENV = "QWEN_TUNE_VERBOSE"
 # Loggers of libraries whose INFO/WARNING chatter a user cannot act on (deprecations inside the libraries, "Setting
 # pad_token_id", DeepSpeed's op builder, torch's pytree notices). Errors still show.
 _QUIET_LOGGERS = ("transformers", "datasets", "deepspeed", "DeepSpeed", "torch", "accelerate", "peft", "torchao",
-                  "huggingface_hub", "urllib3", "filelock", "fsspec")
+                  "huggingface_hub", "urllib3", "filelock", "fsspec", "bitsandbytes")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +49,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _QuietLogbar(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports logbar quietly when someone first imports it, then steps aside.
+
+    gptqmodel (which peft's LoRA dispatcher imports whenever it is installed) prints its banner, a GIL notice and
+    the environment variables it sets at INFO on stdout, through logbar's shared logger, and logbar's own import
+    writes a blank line there. LogBar.shared() sets INFO when it first creates that logger: create it here, with
+    stdout swallowed, at ERROR.
+    """
+
+    def __init__(self) -> None:
+        self.inner: Optional[importlib.abc.Loader] = None
+
+    def find_spec(self, name: str, path: Optional[Sequence[str]], target: Optional[ModuleType] = None
+                  ) -> Optional[importlib.machinery.ModuleSpec]:
+        if name != "logbar":
+            return None
+        sys.meta_path.remove(self)
+        for finder in sys.meta_path:
+            spec = finder.find_spec(name, path, target) if hasattr(finder, "find_spec") else None
+            if spec is not None:
+                if spec.loader is not None:
+                    self.inner, spec.loader = spec.loader, self
+                return spec
+        return None
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> Optional[ModuleType]:
+        return self.inner.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.inner.exec_module(module)
+            try:
+                module.LogBar.shared().setLevel(logging.ERROR)
+            except Exception:  # noqa: BLE001 - quieting a library must never break importing it
+                pass
+
+
 def quiet_third_party(verbose: bool) -> None:
     """Hide library warnings a user cannot act on, unless --verbose / QWEN_TUNE_VERBOSE=1.
 
@@ -54,8 +97,14 @@ def quiet_third_party(verbose: bool) -> None:
     for var, value in (("TRANSFORMERS_VERBOSITY", "error"), ("DATASETS_VERBOSITY", "error"),
                        ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1"), ("TORCH_CPP_LOG_LEVEL", "ERROR"),
                        ("DS_ACCELERATOR_LOG_LEVEL", "error"), ("TF_CPP_MIN_LOG_LEVEL", "3"),
-                       ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+                       ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TOKENIZERS_PARALLELISM", "false"),
+                       # torch resets its loggers to WARNING when it loads; "-all" keeps them at ERROR
+                       ("TORCH_LOGS", "-all"), ("GPTQMODEL_DISABLE_GIL_WARNING", "1")):
         os.environ.setdefault(var, value)
+    if "logbar" in sys.modules:  # already imported (a caller of main()): its logger exists, only raise it
+        logging.getLogger("logbar").setLevel(logging.ERROR)
+    elif not any(isinstance(f, _QuietLogbar) for f in sys.meta_path):
+        sys.meta_path.insert(0, _QuietLogbar())
     for name in _QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     for category in (FutureWarning, DeprecationWarning, UserWarning):
