@@ -60,3 +60,40 @@ def test_reference_script_takes_finetune_flags(tmp_path):
 def _write(path, obj):
     path.write_text(json.dumps(obj, ensure_ascii=False))
     return path
+
+
+def test_train_takes_overrides_as_flags_without_a_double_dash(capsys):
+    from conftest import run_cli
+    from qwen_tune.cli.main import build_parser
+    from qwen_tune.cli.train import route_overrides
+    from qwen_tune.config import load_recipe
+
+    argv = ["train", "--lora_r", "8", "--recipe", "tiny", "--training.lr=2e-4", "lora_alpha=32", "--model_max_length",
+            "96", "output.dir=o", "--report_to", "none", "--verbose"]
+    args = build_parser().parse_args(route_overrides(argv))
+    assert args.recipe == "tiny" and args.nproc is None
+    overrides, _ = convert(args.overrides)
+    assert overrides == ["lora.r=8", "training.lr=2e-4", "lora.alpha=32", "data.max_len=96", "output.dir=o",
+                         "output.report_to=[]"]
+    recipe = load_recipe("tiny", overrides)
+    assert (recipe.lora.r, recipe.training.lr, recipe.lora.alpha, recipe.data.max_len) == (8, 2e-4, 32, 96)
+    # the old spelling still works, and train's own options are found anywhere, abbreviated as argparse allows
+    assert route_overrides(["train", "--rec", "tiny", "--", "--lora_r", "8"]) == ["train", "--rec", "tiny", "--",
+                                                                                 "--lora_r", "8"]
+    assert route_overrides(["train", "x.y=1", "--nproc", "2", "--recipe=r"]) == ["train", "--nproc", "2",
+                                                                                 "--recipe=r", "--", "x.y=1"]
+    # through main(): a bad value is named as an override, not rejected by argparse as an unknown option
+    assert run_cli("train", "--recipe", "tiny", "--lora_r", "8", "--training.lr", "oops") == 2
+    err = capsys.readouterr().err
+    assert "override training.lr=oops" in err and "unrecognized arguments" not in err
+
+
+def test_undotted_keys_map_only_when_unambiguous():
+    mapped, _ = convert(["lr=1e-4", "method=full", "seed=3", "data_path=d.json", "eval_path=e.json"])
+    assert mapped == ["training.lr=1e-4", "method=full", "training.seed=3", "data.path=d.json", "data.eval_path=e.json"]
+    mapped, _ = convert(["loss=sigmoid", "path=x"])  # training.loss / preference.loss, model.path / data.path
+    assert mapped == ["loss=sigmoid", "path=x"]
+    from qwen_tune.config import load_recipe
+
+    with pytest.raises(ConfigError, match="loss"):
+        load_recipe("tiny", mapped[:1])

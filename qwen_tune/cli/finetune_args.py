@@ -54,6 +54,8 @@ def finetune_overrides(tokens: list[str], notes: list[str] | None = None) -> lis
 
 
 def _one(flag: str, value: str, notes: list[str] | None) -> list[str]:
+    if "." in flag:  # a recipe key written as a flag (`--training.lr 1e-4`): load_recipe validates it
+        return [f"{flag}={value}"]
     if flag in _SWITCHES:
         key, on, off = _SWITCHES[flag]
         chosen = off if value.lower() in _FALSE else on
@@ -76,12 +78,25 @@ def _one(flag: str, value: str, notes: list[str] | None) -> list[str]:
     return [f"{key}={value}"]
 
 
+def _undotted(item: str, notes: list[str]) -> list[str]:
+    """`lora_r=8` / `lr=1e-4` read as `--lora_r 8` / `--lr 1e-4`; top-level keys (`method=lora`) and keys that map
+    to no key or to several stay as written, for load_recipe to apply or to name the closest key."""
+    key, eq, value = item.partition("=")
+    if not eq or "." in key or key in Recipe.model_fields or key.startswith("-"):
+        return [item]
+    valid = _all_keys(Recipe) + ["data.path", "data.eval_path"]  # the short forms load_recipe accepts too
+    leaves = [k for k in valid if k.rpartition(".")[2] in (key, _ALIASES.get(key))]
+    if key in _SWITCHES or key in _IGNORED or key in _EXPLICIT or (len(leaves) == 1 and _key_for(key) == leaves[0]):
+        return _one(key, value, notes)  # with the flag's value conversions (`report_to=none`)
+    return [f"{leaves[0]}={value}"] if len(leaves) == 1 else [item]  # `loss=` names two keys: load_recipe says so
+
+
 def convert(overrides: list[str]) -> tuple[list[str], list[str]]:
-    """The overrides with finetune.py flags mapped, and notes on the flags ignored."""
+    """The overrides with finetune.py flags and undotted keys mapped, and notes on the flags ignored."""
     notes: list[str] = []
-    if not any(t.startswith("--") for t in overrides):
+    if not any(t.startswith("--") or "." not in t.partition("=")[0] for t in overrides):
         return overrides, notes
-    mapped = finetune_overrides(overrides, notes)
+    mapped = [m for item in finetune_overrides(overrides, notes) for m in _undotted(item, notes)]
     if "method=qlora" in mapped:  # finetune.py: --use_lora True --q_lora True is Q-LoRA, in either order
         mapped = [m for m in mapped if not m.startswith("method=") or m == "method=qlora"]
     return mapped, notes

@@ -121,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     quiet_third_party(_is_verbose(argv))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    from .train import route_overrides
+
+    args = parser.parse_args(route_overrides(argv))
     if args.cmd in (None, "help"):
         topic = getattr(args, "topic", None)
         if topic:

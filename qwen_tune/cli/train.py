@@ -16,11 +16,51 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                        description="Fine-tune from a recipe; trailing key.sub=value items override it.")
     p.add_argument("--recipe", required=True, help="recipe file, or a bundled recipe name (see `qwen-tune recipes`)")
     p.add_argument("--nproc", type=int, default=None, help="launch N processes on this machine through torchrun")
-    p.add_argument("overrides", nargs="*", help="e.g. training.lr=1e-4 output.dir=outputs/x; after `--`, Qwen's "
-                   "finetune.py flags too (-- --model_max_length 512 --lora_r 8 ...)")
+    p.add_argument("overrides", nargs="*", help="e.g. training.lr=1e-4 output.dir=outputs/x, or as flags "
+                   "(--training.lr 1e-4), undotted where the key is unique (lora_r=8), and Qwen's finetune.py flags "
+                   "(--model_max_length 512 --lora_r 8 ...); a `--` before them is optional")
     p.set_defaults(func=cmd_train)
     r = sub.add_parser("recipes", help="list bundled recipes")
     r.set_defaults(func=cmd_recipes)
+
+
+# `train`'s own options (True: takes a value). Every other token after `train` is an override: no recipe key or
+# finetune.py flag is named recipe, nproc or help, so the split is unambiguous.
+_OWN_OPTIONS = {"--recipe": True, "--nproc": True, "--help": False, "-h": False}
+_GLOBAL_FLAGS = ("--verbose", "-v")
+
+
+def _own_option(token: str) -> str | None:
+    name = token.partition("=")[0]
+    if name in _OWN_OPTIONS:
+        return name
+    # argparse accepts unambiguous prefixes (`--rec tiny`)
+    matches = [o for o in _OWN_OPTIONS if o.startswith("--") and len(name) > 3 and o.startswith(name)]
+    return matches[0] if len(matches) == 1 else None
+
+
+def route_overrides(argv: list[str]) -> list[str]:
+    """`train --recipe r --lora_r 8 x.y=1` -> `train --recipe r -- --lora_r 8 x.y=1`, so overrides given as flags
+    need no `--` (argparse would reject them as unknown options). Other commands pass through unchanged."""
+    cmd = next((i for i, t in enumerate(argv) if not t.startswith("-")), None)
+    if cmd is None or argv[cmd] != "train":
+        return argv
+    own: list[str] = []
+    moved: list[str] = []  # `qwen-tune train ... --verbose`: the global flag, wherever it is written
+    rest: list[str] = []
+    tokens = iter(argv[cmd + 1:])
+    for tok in tokens:
+        if tok == "--":
+            rest += list(tokens)
+        elif tok in _GLOBAL_FLAGS:
+            moved.append(tok)
+        elif (name := _own_option(tok)) is not None:
+            own.append(tok)
+            value = next(tokens, None) if _OWN_OPTIONS[name] and "=" not in tok else None
+            own += [value] if value is not None else []
+        else:
+            rest.append(tok)
+    return [*argv[:cmd], *moved, "train", *own, *(["--", *rest] if rest else [])]
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
