@@ -291,11 +291,12 @@ def test_dpo_lora_training_raises_the_margin(base, tmp_path, tokenizer, capsys):
 def test_dpo_resume_reproduces_losses(base, tmp_path):
     from qwen_tune.train.preference import run_preference
 
-    short = ("training.max_steps=4", "output.save_steps=2")
-    full = run_preference(dpo_recipe(base, tmp_path / "a", *short))
-    run_preference(dpo_recipe(base, tmp_path / "b", *short, "output.save_final=false"))
+    short = ("training.max_steps=4", "output.save_steps=2", "output.save_final=false")
+    # One uninterrupted run is both the reference and, with its last checkpoint removed, the run to resume.
+    full = run_preference(dpo_recipe(base, tmp_path / "b", *short))
     assert (tmp_path / "b" / "checkpoint-2" / "qwen_tune_complete").exists()
     shutil.rmtree(tmp_path / "b" / "checkpoint-4")  # killed before step 4 was saved
+    (tmp_path / "b" / "train_summary.json").unlink()
     resumed = run_preference(dpo_recipe(base, tmp_path / "b", *short, "output.resume_from_checkpoint=auto"))
     ref = {h["step"]: h for h in full.log_history if "loss" in h}
     got = {h["step"]: h for h in resumed.log_history if "loss" in h}
