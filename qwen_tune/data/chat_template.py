@@ -36,8 +36,9 @@ from typing import Any, Sequence
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from ..config import ConfigError
+from .fast_bpe import TiktokenRuns, tiktoken_runs
 from .formats import Conversation
-from .template import DEFAULT_SYSTEM, IGNORE_INDEX, ChatMLEncoder, EncodedSample, TruncationMode
+from .template import DEFAULT_SYSTEM, IGNORE_INDEX, ChatMLEncoder, EncodedSample, TruncationMode, paused_gc
 from .tokenizer import IM_END, IM_START, QWenTokenizer
 
 log = logging.getLogger(__name__)
@@ -142,13 +143,27 @@ class _Rendered:
     items: list[tuple[str, int]]  # in order: ("run", index into runs) or ("special", index into specials)
 
 
+class _TiktokenEncoding:
+    """One run's ids from the tiktoken fast path; offsets computed only when a label walk asks for them."""
+
+    __slots__ = ("ids", "_run", "_fast")
+
+    def __init__(self, ids: list[int], run: str, fast: TiktokenRuns) -> None:
+        self.ids, self._run, self._fast = ids, run, fast
+
+    @property
+    def offsets(self) -> Any:
+        return self._fast.offsets(self._run, self.ids)
+
+
 class TemplateEncoder:
     """Conversations -> (input_ids, labels) through a jinja chat template; same interface as ChatMLEncoder."""
 
     mask = "assistant_only"
 
     def __init__(self, tokenizer: Any, template: ChatTemplate, max_len: int, system_prompt: str | None = None,
-                 truncation: TruncationMode = "cut", template_kwargs: dict[str, Any] | None = None) -> None:
+                 truncation: TruncationMode = "cut", template_kwargs: dict[str, Any] | None = None,
+                 fast: bool = True) -> None:
         if template.text is None:
             raise ValueError("TemplateEncoder needs a jinja template; use ChatMLEncoder for Qwen-1's ChatML")
         if truncation not in ("cut", "drop"):
@@ -169,6 +184,11 @@ class TemplateEncoder:
         # A marked special (data: plain text), a stray marker (a template string method split a pair), or a
         # bare special (the template's own control token).
         self._split_re = re.compile(f"{_MARK_START}({alt}){_MARK_END}|[{_MARK_START}{_MARK_END}]|({alt})")
+        self._bare_split = re.compile(f"({alt})")
+        # tiktoken directly when the tokenizer is verified to be qwen.tiktoken's BPE (same ids, ~5x faster).
+        self._fast, self.fast_reason = tiktoken_runs(tokenizer) if fast else (None, "disabled")
+        if self._fast is None:
+            log.info("chat template: tokenizing through the HF tokenizer (%s)", self.fast_reason)
         self._special_ids = {s: tokenizer.convert_tokens_to_ids(s) for s in specials}
         self.im_start, self.im_end = self._special_ids.get(IM_START), self._special_ids.get(IM_END)
         if self.im_start is None or self.im_end is None:
@@ -200,6 +220,30 @@ class TemplateEncoder:
         return text, False
 
     def _segment(self, marked: str) -> _Rendered:
+        if _MARK_START in marked or _MARK_END in marked:
+            return self._segment_marked(marked)
+        # No special typed in data: every special-token string is the template's (one C-level split).
+        parts = self._bare_split.split(marked)
+        runs: list[tuple[int, str]] = []
+        specials: list[tuple[int, int, int]] = []
+        items: list[tuple[str, int]] = []
+        special_ids = self._special_ids
+        pos = 0
+        for k in range(0, len(parts) - 1, 2):
+            run, sp = parts[k], parts[k + 1]
+            if run:
+                items.append(("run", len(runs)))
+                runs.append((pos, run))
+                pos += len(run)
+            items.append(("special", len(specials)))
+            specials.append((pos, pos + len(sp), special_ids[sp]))
+            pos += len(sp)
+        if parts[-1]:
+            items.append(("run", len(runs)))
+            runs.append((pos, parts[-1]))
+        return _Rendered(marked, runs, specials, items)
+
+    def _segment_marked(self, marked: str) -> _Rendered:
         parts: list[str] = []
         bounds: list[tuple[int, int]] = []
         specials: list[tuple[int, int, int]] = []
@@ -232,6 +276,21 @@ class TemplateEncoder:
     # ------------------------------------------------------------------ encoding
 
     def _encode_runs(self, texts: list[str]) -> list[Any]:
+        if self._fast is None:
+            return self._encode_runs_hf(texts)
+        fast = self._fast
+        out: list[Any] = []
+        slow: list[int] = []
+        for k, run in enumerate(texts):
+            ids = fast.encode(run)
+            if ids is None:  # not NFC: the HF backend normalizes it and maps offsets back
+                slow.append(k)
+            out.append(_TiktokenEncoding(ids, run, fast) if ids is not None else None)
+        for k, e in zip(slow, self._encode_runs_hf([texts[k] for k in slow])):
+            out[k] = e
+        return out
+
+    def _encode_runs_hf(self, texts: list[str]) -> list[Any]:
         if not texts:
             return []
         saved = self._backend.encode_special_tokens
@@ -242,40 +301,50 @@ class TemplateEncoder:
             self._backend.encode_special_tokens = saved
 
     def _tokens(self, r: _Rendered, encodings: list[Any],
-                spans: list[tuple[int, int]] = ()) -> tuple[list[int], list[int]]:
+                spans: Sequence[tuple[int, int]] = ()) -> tuple[list[int], list[int]]:
         """Ids of the rendering and their labels: a token is labelled when it overlaps an assistant span.
 
         Most runs lie wholly inside or outside every span and are labelled in bulk; only a run a span
         boundary cuts (``assistant\n`` + content, the ``\n`` after ``<|im_end|>``) is walked by offsets.
+        Items and spans are both in text order (spans disjoint), so one pointer walks the spans.
         """
         ids: list[int] = []
         labels: list[int] = []
+        n_spans = len(spans)
+        si = 0
         for kind, idx in r.items:
             if kind == "special":
                 start, _, tid = r.specials[idx]
                 ids.append(tid)
-                labels.append(tid if any(a <= start < b for a, b in spans) else IGNORE_INDEX)
+                while si < n_spans and spans[si][1] <= start:
+                    si += 1
+                labels.append(tid if si < n_spans and spans[si][0] <= start else IGNORE_INDEX)
                 continue
             base, text = r.runs[idx]
             enc = encodings[idx]
-            ids.extend(enc.ids)
+            tids = enc.ids
+            ids.extend(tids)
             end = base + len(text)
-            cut = [(a, b) for a, b in spans if a < end and b > base]
-            if not cut:
-                labels.extend([IGNORE_INDEX] * len(enc.ids))
-            elif any(a <= base and b >= end for a, b in cut):
-                labels.extend(enc.ids)
-            else:
-                # Walk tokens only up to the last boundary in the run; past it, all lie on one side.
-                last = max(x for a, b in cut for x in (a, b) if base < x < end)
-                tail = enc.ids if any(a <= end - 1 < b for a, b in cut) else None
-                offsets = enc.offsets
-                for k, t in enumerate(enc.ids):
-                    s, e = offsets[k]
-                    if base + s >= last:
-                        labels.extend(tail[k:] if tail is not None else [IGNORE_INDEX] * (len(enc.ids) - k))
-                        break
-                    labels.append(t if any(base + s < b and base + e > a for a, b in cut) else IGNORE_INDEX)
+            while si < n_spans and spans[si][1] <= base:
+                si += 1
+            j = si
+            while j < n_spans and spans[j][0] < end:
+                j += 1
+            if j == si:
+                labels.extend([IGNORE_INDEX] * len(tids))
+                continue
+            cut = spans[si:j]
+            if cut[0][0] <= base and cut[0][1] >= end:
+                labels.extend(tids)
+                continue
+            # Walk tokens only up to the last boundary in the run; past it, all lie on one side.
+            last = max(x for a, b in cut for x in (a, b) if base < x < end)
+            tail = tids if cut[-1][0] <= end - 1 < cut[-1][1] else None
+            for k, (t, (s, e)) in enumerate(zip(tids, enc.offsets)):
+                if base + s >= last:
+                    labels.extend(tail[k:] if tail is not None else [IGNORE_INDEX] * (len(tids) - k))
+                    break
+                labels.append(t if any(base + s < b and base + e > a for a, b in cut) else IGNORE_INDEX)
         return ids, labels
 
     def _assistant_spans(self, r: _Rendered) -> list[tuple[int, int]]:
@@ -283,19 +352,26 @@ class TemplateEncoder:
         text = r.text
         header = "assistant\n"
         end_positions = [s for s, _, tid in r.specials if tid == self.im_end]
+        ei = 0
         for s, e, tid in r.specials:
             if tid != self.im_start or not text.startswith(header, e):
                 continue
             body = e + len(header)
-            close = next((x for x in end_positions if x >= body), None)
-            if close is None:
+            while ei < len(end_positions) and end_positions[ei] < body:
+                ei += 1
+            if ei == len(end_positions):
                 end = len(text)
             else:
+                close = end_positions[ei]
                 end = close + len(IM_END) + (text.startswith("\n", close + len(IM_END)))
             spans.append((body, end))
         return spans
 
     def encode(self, convs: Sequence[Conversation]) -> list[EncodedSample]:
+        with paused_gc():
+            return self._encode(convs)
+
+    def _encode(self, convs: Sequence[Conversation]) -> list[EncodedSample]:
         rendered: list[_Rendered | None] = []
         errors: dict[int, str] = {}
         for k, c in enumerate(convs):
@@ -338,7 +414,8 @@ class TemplateEncoder:
                 return sample
             sample.input_ids, sample.labels, sample.truncated = ids[: self.max_len], labels[: self.max_len], True
         # Label position 0 is never used by the shifted loss.
-        if not any(t != IGNORE_INDEX for t in sample.labels[1:]):
+        kept = len(sample.labels) - sample.labels.count(IGNORE_INDEX)
+        if kept - (sample.labels[0] != IGNORE_INDEX if sample.labels else 0) <= 0:
             sample.drop_reason = "no_assistant_label_after_truncation" if sample.truncated else "no_trainable_label"
         return sample
 
