@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -36,15 +35,14 @@ from typing import Any, Sequence
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from ..config import ConfigError
-from .fast_bpe import TiktokenRuns, tiktoken_runs
+from .fast_bpe import TiktokenEncoding, tiktoken_runs
 from .formats import Conversation
+from .rendered import Rendered, Segmenter, assistant_spans, label_tokens, mark
 from .template import DEFAULT_SYSTEM, IGNORE_INDEX, ChatMLEncoder, EncodedSample, TruncationMode, paused_gc
 from .tokenizer import IM_END, IM_START, QWenTokenizer
 
 log = logging.getLogger(__name__)
 TEMPLATE_SETTINGS = ("auto", "chatml", "checkpoint")
-# Private-use code points no tokenizer text contains; wrapped around special tokens typed in data.
-_MARK_START, _MARK_END = "\U000f0100", "\U000f0101"
 
 
 class ChatTemplateError(ConfigError):
@@ -125,37 +123,6 @@ def _tool_name(tool: Any) -> str:
     return str(fn.get("name", "")) if isinstance(fn, dict) else ""
 
 
-def _mark(obj: Any, pattern: re.Pattern) -> Any:
-    if isinstance(obj, str):
-        return pattern.sub(lambda m: _MARK_START + m.group(0) + _MARK_END, obj)
-    if isinstance(obj, dict):
-        return {k: _mark(v, pattern) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_mark(v, pattern) for v in obj]
-    return obj
-
-
-@dataclass
-class _Rendered:
-    text: str  # the rendered conversation, markers removed
-    runs: list[tuple[int, str]]  # (start in text, text run) between template control tokens
-    specials: list[tuple[int, int, int]]  # (start, end, id) of template-emitted special tokens
-    items: list[tuple[str, int]]  # in order: ("run", index into runs) or ("special", index into specials)
-
-
-class _TiktokenEncoding:
-    """One run's ids from the tiktoken fast path; offsets computed only when a label walk asks for them."""
-
-    __slots__ = ("ids", "_run", "_fast")
-
-    def __init__(self, ids: list[int], run: str, fast: TiktokenRuns) -> None:
-        self.ids, self._run, self._fast = ids, run, fast
-
-    @property
-    def offsets(self) -> Any:
-        return self._fast.offsets(self._run, self.ids)
-
-
 class TemplateEncoder:
     """Conversations -> (input_ids, labels) through a jinja chat template; same interface as ChatMLEncoder."""
 
@@ -177,19 +144,14 @@ class TemplateEncoder:
         self.template_kwargs = dict(template_kwargs or {})
         self.name, self.template_id = template.name, template.sha256
         self._backend = backend
-        specials = sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special and t.content},
-                          key=len, reverse=True)
-        alt = "|".join(map(re.escape, specials)) or "(?!)"
-        self._special_re = re.compile(alt)
-        # A marked special (data: plain text), a stray marker (a template string method split a pair), or a
-        # bare special (the template's own control token).
-        self._split_re = re.compile(f"{_MARK_START}({alt}){_MARK_END}|[{_MARK_START}{_MARK_END}]|({alt})")
-        self._bare_split = re.compile(f"({alt})")
+        specials = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special and t.content}
+        self._special_ids = {s: tokenizer.convert_tokens_to_ids(s) for s in specials}
+        self._segmenter = Segmenter(self._special_ids)
+        self._special_re = self._segmenter.special_re
         # tiktoken directly when the tokenizer is verified to be qwen.tiktoken's BPE (same ids, ~5x faster).
         self._fast, self.fast_reason = tiktoken_runs(tokenizer) if fast else (None, "disabled")
         if self._fast is None:
             log.info("chat template: tokenizing through the HF tokenizer (%s)", self.fast_reason)
-        self._special_ids = {s: tokenizer.convert_tokens_to_ids(s) for s in specials}
         self.im_start, self.im_end = self._special_ids.get(IM_START), self._special_ids.get(IM_END)
         if self.im_start is None or self.im_end is None:
             raise ChatTemplateError("the tokenizer has no <|im_start|>/<|im_end|> special tokens: Qwen chat templates "
@@ -210,7 +172,7 @@ class TemplateEncoder:
         it with ``<|im_end|>\\n`` and, the last message being the assistant's, opens nothing). A model must
         learn to stop, so such a render is taken with add_generation_prompt when that only closes the turn.
         """
-        marked = _mark(messages, self._special_re), _mark(tools, self._special_re) if tools else None
+        marked = mark(messages, self._special_re), mark(tools, self._special_re) if tools else None
         text = self._render(marked[0], marked[1], False)
         if text.rstrip("\n").endswith(IM_END):
             return text, False
@@ -218,62 +180,6 @@ class TemplateEncoder:
         if closed.startswith(text) and IM_START not in closed[len(text):] and IM_END in closed[len(text):]:
             return closed, True
         return text, False
-
-    def _segment(self, marked: str) -> _Rendered:
-        if _MARK_START in marked or _MARK_END in marked:
-            return self._segment_marked(marked)
-        # No special typed in data: every special-token string is the template's (one C-level split).
-        parts = self._bare_split.split(marked)
-        runs: list[tuple[int, str]] = []
-        specials: list[tuple[int, int, int]] = []
-        items: list[tuple[str, int]] = []
-        special_ids = self._special_ids
-        pos = 0
-        for k in range(0, len(parts) - 1, 2):
-            run, sp = parts[k], parts[k + 1]
-            if run:
-                items.append(("run", len(runs)))
-                runs.append((pos, run))
-                pos += len(run)
-            items.append(("special", len(specials)))
-            specials.append((pos, pos + len(sp), special_ids[sp]))
-            pos += len(sp)
-        if parts[-1]:
-            items.append(("run", len(runs)))
-            runs.append((pos, parts[-1]))
-        return _Rendered(marked, runs, specials, items)
-
-    def _segment_marked(self, marked: str) -> _Rendered:
-        parts: list[str] = []
-        bounds: list[tuple[int, int]] = []
-        specials: list[tuple[int, int, int]] = []
-        items: list[tuple[str, int]] = []
-        pos = last = run_start = 0
-        for m in self._split_re.finditer(marked):
-            parts.append(marked[last:m.start()])
-            pos += m.start() - last
-            last = m.end()
-            if m.group(1) is not None:  # typed in data: stays in the text run, as plain text
-                parts.append(m.group(1))
-                pos += len(m.group(1))
-            elif m.group(2) is not None:  # the template's own control token ends the run
-                if pos > run_start:
-                    bounds.append((run_start, pos))
-                    items.append(("run", len(bounds) - 1))
-                specials.append((pos, pos + len(m.group(2)), self._special_ids[m.group(2)]))
-                items.append(("special", len(specials) - 1))
-                parts.append(m.group(2))
-                pos += len(m.group(2))
-                run_start = pos
-        parts.append(marked[last:])
-        pos += len(marked) - last
-        if pos > run_start:
-            bounds.append((run_start, pos))
-            items.append(("run", len(bounds) - 1))
-        text = "".join(parts)
-        return _Rendered(text, [(s, text[s:e]) for s, e in bounds], specials, items)
-
-    # ------------------------------------------------------------------ encoding
 
     def _encode_runs(self, texts: list[str]) -> list[Any]:
         if self._fast is None:
@@ -285,7 +191,7 @@ class TemplateEncoder:
             ids = fast.encode(run)
             if ids is None:  # not NFC: the HF backend normalizes it and maps offsets back
                 slow.append(k)
-            out.append(_TiktokenEncoding(ids, run, fast) if ids is not None else None)
+            out.append(TiktokenEncoding(ids, run, fast) if ids is not None else None)
         for k, e in zip(slow, self._encode_runs_hf([texts[k] for k in slow])):
             out[k] = e
         return out
@@ -300,84 +206,17 @@ class TemplateEncoder:
         finally:
             self._backend.encode_special_tokens = saved
 
-    def _tokens(self, r: _Rendered, encodings: list[Any],
-                spans: Sequence[tuple[int, int]] = ()) -> tuple[list[int], list[int]]:
-        """Ids of the rendering and their labels: a token is labelled when it overlaps an assistant span.
-
-        Most runs lie wholly inside or outside every span and are labelled in bulk; only a run a span
-        boundary cuts (``assistant\n`` + content, the ``\n`` after ``<|im_end|>``) is walked by offsets.
-        Items and spans are both in text order (spans disjoint), so one pointer walks the spans.
-        """
-        ids: list[int] = []
-        labels: list[int] = []
-        n_spans = len(spans)
-        si = 0
-        for kind, idx in r.items:
-            if kind == "special":
-                start, _, tid = r.specials[idx]
-                ids.append(tid)
-                while si < n_spans and spans[si][1] <= start:
-                    si += 1
-                labels.append(tid if si < n_spans and spans[si][0] <= start else IGNORE_INDEX)
-                continue
-            base, text = r.runs[idx]
-            enc = encodings[idx]
-            tids = enc.ids
-            ids.extend(tids)
-            end = base + len(text)
-            while si < n_spans and spans[si][1] <= base:
-                si += 1
-            j = si
-            while j < n_spans and spans[j][0] < end:
-                j += 1
-            if j == si:
-                labels.extend([IGNORE_INDEX] * len(tids))
-                continue
-            cut = spans[si:j]
-            if cut[0][0] <= base and cut[0][1] >= end:
-                labels.extend(tids)
-                continue
-            # Walk tokens only up to the last boundary in the run; past it, all lie on one side.
-            last = max(x for a, b in cut for x in (a, b) if base < x < end)
-            tail = tids if cut[-1][0] <= end - 1 < cut[-1][1] else None
-            for k, (t, (s, e)) in enumerate(zip(tids, enc.offsets)):
-                if base + s >= last:
-                    labels.extend(tail[k:] if tail is not None else [IGNORE_INDEX] * (len(tids) - k))
-                    break
-                labels.append(t if any(base + s < b and base + e > a for a, b in cut) else IGNORE_INDEX)
-        return ids, labels
-
-    def _assistant_spans(self, r: _Rendered) -> list[tuple[int, int]]:
-        spans = []
-        text = r.text
-        header = "assistant\n"
-        end_positions = [s for s, _, tid in r.specials if tid == self.im_end]
-        ei = 0
-        for s, e, tid in r.specials:
-            if tid != self.im_start or not text.startswith(header, e):
-                continue
-            body = e + len(header)
-            while ei < len(end_positions) and end_positions[ei] < body:
-                ei += 1
-            if ei == len(end_positions):
-                end = len(text)
-            else:
-                close = end_positions[ei]
-                end = close + len(IM_END) + (text.startswith("\n", close + len(IM_END)))
-            spans.append((body, end))
-        return spans
-
     def encode(self, convs: Sequence[Conversation]) -> list[EncodedSample]:
         with paused_gc():
             return self._encode(convs)
 
     def _encode(self, convs: Sequence[Conversation]) -> list[EncodedSample]:
-        rendered: list[_Rendered | None] = []
+        rendered: list[Rendered | None] = []
         errors: dict[int, str] = {}
         for k, c in enumerate(convs):
             try:
                 text, _ = self.render_training(c.messages(self.system_prompt), c.tools)
-                rendered.append(self._segment(text))
+                rendered.append(self._segmenter.segment(text))
             except Exception as e:  # noqa: BLE001 - a template's raise_exception / TypeError: one bad record
                 errors[k] = f"{type(e).__name__}: {e}"
                 rendered.append(None)
@@ -392,9 +231,9 @@ class TemplateEncoder:
             out.append(self._sample(c, r, [next(encodings) for _ in r.runs]))
         return out
 
-    def _sample(self, c: Conversation, r: _Rendered, encodings: list[Any]) -> EncodedSample:
-        spans = self._assistant_spans(r)
-        ids, labels = self._tokens(r, encodings, spans)
+    def _sample(self, c: Conversation, r: Rendered, encodings: list[Any]) -> EncodedSample:
+        spans = assistant_spans(r, self.im_start, self.im_end)
+        ids, labels = label_tokens(r, encodings, spans)
         n_assistant = sum(role == "assistant" for role, _ in c.turns)
         if len(spans) != n_assistant:
             log.warning("id=%r: the template rendered %d assistant turns for %d assistant messages", c.id,
@@ -420,7 +259,7 @@ class TemplateEncoder:
         return sample
 
     @staticmethod
-    def _dropped_reasoning(c: Conversation, r: _Rendered, spans: list[tuple[int, int]]) -> list[str]:
+    def _dropped_reasoning(c: Conversation, r: Rendered, spans: list[tuple[int, int]]) -> list[str]:
         """One note per assistant message whose reasoning the template did not render (earlier turns)."""
         notes = []
         k = 0
@@ -434,7 +273,7 @@ class TemplateEncoder:
         return notes
 
     @staticmethod
-    def _dropped_tool_calls(c: Conversation, r: _Rendered, spans: list[tuple[int, int]]) -> int:
+    def _dropped_tool_calls(c: Conversation, r: Rendered, spans: list[tuple[int, int]]) -> int:
         lost = k = 0
         for (role, _), extra in zip(c.turns, c.extras or [{}] * len(c.turns)):
             if role != "assistant":
@@ -446,7 +285,7 @@ class TemplateEncoder:
 
     def encode_prompt(self, messages: list[dict], tools: list | None = None) -> list[int]:
         """Ids of a conversation so far plus the template's generation prompt (what `qwen-tune chat` feeds)."""
-        marked = self._render(_mark(messages, self._special_re), _mark(tools, self._special_re) if tools else None,
+        marked = self._render(mark(messages, self._special_re), mark(tools, self._special_re) if tools else None,
                               True)
-        r = self._segment(marked)
-        return self._tokens(r, self._encode_runs([run for _, run in r.runs]))[0]
+        r = self._segmenter.segment(marked)
+        return label_tokens(r, self._encode_runs([run for _, run in r.runs]))[0]
