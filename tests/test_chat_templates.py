@@ -118,6 +118,7 @@ def test_ids_and_labels_equal_the_checkpoint_template(family, family_tok):
     tok = family_tok(family)
     enc = encoder_for(tok)
     assert "checkpoint" in enc.name
+    assert enc._fast is not None, enc.fast_reason  # the tiktoken fast path: exact, as the asserts below check
     names = list(CONVERSATIONS)
     samples = enc.encode([CONVERSATIONS[n] for n in names])
     identical = 0
