@@ -45,6 +45,13 @@ def paused_gc() -> Iterator[None]:
         yield
     finally:
         if was:
+            if not gc.get_freeze_count():
+                # Hand the batch's objects to the oldest generation (freeze + unfreeze: O(1) list moves, and the
+                # young count reset). Re-enabling as is would collect generation 0 at the next allocation and walk
+                # every id of the batch once more, ~8% of the encoder's time. Skipped when the program froze
+                # objects itself (a pre-fork server): unfreezing would undo that.
+                gc.freeze()
+                gc.unfreeze()
             gc.enable()
 
 
