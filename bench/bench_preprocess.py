@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     tpl = {f: TemplateEncoder(hf_tok, ChatTemplate("checkpoint", (TEMPLATES / f / "chat_template.jinja").read_text(), f),
                               args.max_len) for f in ("qwen2.5-instruct", "qwen3")}
     for f, te in tpl.items():
-        if te._fast is None:
+        if te.fast_path() is None:
             raise AssertionError(f"TemplateEncoder ({f}) did not take the tiktoken fast path: {te.fast_reason}")
     tpl_hf = TemplateEncoder(hf_tok, tpl["qwen2.5-instruct"].template, args.max_len, fast=False)
     for c, a, b in zip(convs[:200], tpl["qwen2.5-instruct"].encode(convs[:200]), tpl_hf.encode(convs[:200])):

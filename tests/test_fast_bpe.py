@@ -42,6 +42,7 @@ def encoders(tok, family_dirs, family):
         f = family_dirs[family] / "chat_template.jinja"
         tpl = ChatTemplate("checkpoint", f.read_text() if f.exists() else tok.chat_template, family)
         _ENCODERS[family] = TemplateEncoder(tok, tpl, 10**6), TemplateEncoder(tok, tpl, 10**6, fast=False)
+        assert _ENCODERS[family][0].fast_path() is not None  # decided now, not after a million characters
     return _ENCODERS[family]
 
 
@@ -57,8 +58,8 @@ def same(fast, slow, convs):
 @pytest.mark.parametrize("family", ["qwen2-instruct", "qwen2.5-instruct", "qwen3"])
 def test_every_vocabulary_takes_the_fast_path(family, family_tok, family_dirs):
     fast, slow = encoders(family_tok(family), family_dirs, family)
-    assert fast._fast is not None, fast.fast_reason
-    assert slow._fast is None
+    assert fast.fast_path() is not None, fast.fast_reason
+    assert slow.fast_path() is None and slow.fast_reason == "disabled"
     c = Conversation("c", [("user", "Hi 你好 😀"), ("assistant", "\n\n  Hello <think> e\u0301")])
     same(fast, slow, [c])
 
@@ -112,7 +113,7 @@ def test_fast_path_equals_the_hf_path(family, data, family_tok, family_dirs):
 def test_non_nfc_run_falls_back_and_matches(family_tok, family_dirs):
     fast, slow = encoders(family_tok("qwen3"), family_dirs, "qwen3")
     run = "assistant\nCafe\u0301"
-    assert fast._fast.encode(run) is None  # tiktoken cannot normalize: that run goes through HF
+    assert fast.fast_path().encode(run) is None  # tiktoken cannot normalize: that run goes through HF
     c = Conversation("n", [("user", "e\u0301\u0301"), ("assistant", "Cafe\u0301 \u1100\u1161")])
     same(fast, slow, [c])
     assert "Caf\u00e9" in family_tok("qwen3").decode(fast.encode([c])[0].input_ids)  # NFC, as HF does
@@ -129,7 +130,7 @@ def test_a_different_vocabulary_does_not_take_the_fast_path(family_dirs, tmp_pat
     tok = PreTrainedTokenizerFast.from_pretrained(str(d))
     enc = TemplateEncoder(tok, ChatTemplate("checkpoint", tok.chat_template or
                                             (src / "chat_template.jinja").read_text(), "swapped"), 10**6)
-    assert enc._fast is None and "differ from qwen.tiktoken" in enc.fast_reason
+    assert enc.fast_path() is None and "differ from qwen.tiktoken" in enc.fast_reason
     c = Conversation("s", [("user", "hello world"), ("assistant", "hello world")])
     ids = enc.encode([c])[0].input_ids  # still exact, through the HF tokenizer
     assert ids == tok.apply_chat_template(c.messages(), tokenize=True, return_dict=False)
