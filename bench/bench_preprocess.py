@@ -1,7 +1,8 @@
 """Preprocessing throughput: qwen-tune's batched ChatMLEncoder vs the reference preprocess vs raw tiktoken.
 
-    python bench/bench_preprocess.py                # ~4-5 min on 2 busy CPU cores: 4 repeats x 8 slices
-    python bench/bench_preprocess.py --repeats 9
+    python bench/bench_preprocess.py                # ~8-10 min on 2 busy CPU cores: 4 repeats x 8 slices
+    python bench/bench_preprocess.py --repeats 3 --slices 4    # ~7 min: the published run
+    python bench/bench_preprocess.py --methods ours,raw_loop   # some rows only, times printed, nothing written
 
 All methods turn the same 2,000 benchmark conversations (bench/make_data.py) into ChatML token ids;
 throughput is always *ChatML tokens of the whole set / seconds*, so the columns are comparable:
@@ -24,7 +25,8 @@ throughput is always *ChatML tokens of the whole set / seconds*, so the columns 
 * raw tiktoken: only the text pieces (system prompt + every turn) through the bare
   ``tiktoken.Encoding`` -- no template, labels, NFC check or Python around it; both
   ``encode_ordinary_batch`` and a loop of ``encode_ordinary`` are timed and the faster counts.
-  It is the floor of what any preprocessing on top of tiktoken can cost.
+  It is the floor of what any preprocessing on top of tiktoken can cost (the target: the ChatML encoder at
+  >= 90% of it). "ids kept" is the loop keeping a batch's results until the batch ends, as an encoder must.
 
 Methods run interleaved (the order rotates every repeat); each ratio is taken per repeat and
 the median is reported, so load from other processes on a shared machine hits all alike.
