@@ -169,3 +169,18 @@ def test_fingerprint_is_cached_by_file_content(family_dirs, tmp_path):
         assert fast_bpe._files_key(tok) != key and fast_bpe.tiktoken_runs(tok)[0] is not None
     finally:
         cache.write_text(saved)
+
+
+def test_fast_path_is_decided_only_once_enough_text_is_seen(family_tok, family_dirs, monkeypatch):
+    from qwen_tune.data import chat_template
+
+    tok = family_tok("qwen3")
+    tpl = ChatTemplate("checkpoint", (family_dirs["qwen3"] / "chat_template.jinja").read_text(), "qwen3")
+    enc = TemplateEncoder(tok, tpl, 10**6)
+    c = Conversation("l", [("user", "Hi"), ("assistant", "Hello")])
+    first = enc.encode([c])[0]
+    assert enc.fast_reason == "not decided yet" and enc._fast is None  # a small data check never parses the ranks
+    monkeypatch.setattr(chat_template, "_FAST_PATH_MIN_CHARS", 100)
+    second = enc.encode([c] * 5)[0]
+    assert enc._fast is not None and enc.fast_reason == ""
+    assert (first.input_ids, first.labels) == (second.input_ids, second.labels)
