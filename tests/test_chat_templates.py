@@ -110,6 +110,9 @@ def expected_labels(tok, ids: list[int]) -> list[int]:
 def encoder_for(tok, **kw) -> TemplateEncoder:
     enc = make_encoder(tok, 10**6, **kw)
     assert isinstance(enc, TemplateEncoder)
+    # Every test here runs on the tiktoken fast path (taken on its own only after ~1M rendered characters);
+    # tests/test_fast_bpe.py checks it against the HF tokenizer path.
+    assert enc.fast_path() is not None, enc.fast_reason
     return enc
 
 

@@ -167,3 +167,30 @@ def test_equal_to_reference_preprocess_on_example_data(tokenizer, max_len):
         assert s.input_ids == ids and s.labels == labels, rec["id"]
         checked += 1
     assert checked >= 40
+
+
+def test_paused_gc_restores_the_collector_state(tokenizer):
+    import gc
+
+    from qwen_tune.data.template import paused_gc
+
+    c = Conversation("g", [("user", "hi"), ("assistant", "yo")])
+    assert gc.isenabled()
+    with paused_gc():
+        assert not gc.isenabled()
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    gc.disable()
+    try:
+        enc(tokenizer).encode([c])
+        assert not gc.isenabled()  # a caller's disabled GC stays disabled
+    finally:
+        gc.enable()
+    keep = [[] for _ in range(10)]
+    gc.freeze()  # a program that froze its objects (pre-fork) keeps them frozen
+    try:
+        frozen = gc.get_freeze_count()
+        enc(tokenizer).encode([c])
+        assert gc.get_freeze_count() == frozen and gc.isenabled()
+    finally:
+        gc.unfreeze()
+    del keep

@@ -1,0 +1,252 @@
+"""Chat-template text tokenized by tiktoken directly, when the checkpoint's tokenizer is Qwen's own BPE.
+
+Qwen1.5 ... Qwen3 ship a ``tokenizer.json`` whose byte-level BPE is ``qwen.tiktoken``'s ranks. Through the HF
+pipeline (added-token matching, NFC, the Split regex, ByteLevel, BPE, offsets) a rendered conversation costs ~5x
+tiktoken's ``encode_ordinary`` for the same ids, which made the chat-template path 5x slower than the ChatML one.
+
+The shortcut is taken only when it is verified to give the HF backend's ids exactly (:func:`tiktoken_runs`):
+
+* the BPE model serializes to the same bytes as the one ``export_qwen2_tokenizer`` builds from ``qwen.tiktoken``
+  (same vocab ids, merges, options): a sha256 fingerprint, compared with the reference's. Serializing costs ~0.5 s,
+  so the fingerprint is cached on disk keyed by the content hash of the tokenizer's files (plus the tokenizer
+  class and library versions, which decide how those files are loaded); the reference fingerprint is cached by
+  the hash of ``qwen.tiktoken``;
+* normalizer NFC (or none), pre-tokenizer exactly Qwen's Split regex + ByteLevel without a prefix space, offsets
+  not trimmed, and added tokens without lstrip/rstrip/single_word, non-special ones matched unnormalized.
+
+Runs are then encoded as the HF backend does with ``encode_special_tokens=True``: added tokens are matched
+leftmost-longest over all unnormalized added tokens, special ones skipped (stay text, as in HF, where a skipped
+special match also hides an overlapping non-special one), non-special ones become their id; the text between goes
+through ``encode_ordinary``. tiktoken does not normalize: a piece that is not NFC is not encoded here (the caller
+sends its run through the HF backend).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import unicodedata
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..constants import cache_root
+from ..models.qwen1.tiktoken_bpe import QWEN_PAT_STR, QWEN_TIKTOKEN_PATH, _load_bpe
+
+log = logging.getLogger(__name__)
+_CACHE_FILE = "bpe_fingerprints.json"
+# The exact model options export_qwen2_tokenizer writes (and Qwen's released tokenizer.json has).
+_BPE_OPTIONS = dict(dropout=None, unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False,
+                    byte_fallback=False, ignore_merges=False)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _read_cache(path: Path) -> dict[str, str]:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(path: Path, key: str, value: str) -> None:
+    """Best effort: a read-only or racing cache only costs the next run the recomputation."""
+    try:
+        data = _read_cache(path)
+        data[key] = value
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=0, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError as e:
+        log.debug("could not write %s: %s", path, e)
+
+
+def _reference_fingerprint(cache: Path) -> str:
+    """sha256 of the serialized BPE model that ``export_qwen2_tokenizer`` builds from the bundled ranks."""
+    key = "reference:" + _sha256(QWEN_TIKTOKEN_PATH.read_bytes()) + ":tokenizers-" + version("tokenizers")
+    hit = _read_cache(cache).get(key)
+    if hit:
+        return hit
+    from tokenizers import models
+
+    vocab, merges = _load_bpe(None).vocab_and_merges
+    value = _sha256(models.BPE(vocab=vocab, merges=merges, **_BPE_OPTIONS).__getstate__())
+    _write_cache(cache, key, value)
+    return value
+
+
+def _files_key(tokenizer: Any) -> str | None:
+    """Content hash of the files the tokenizer was loaded from (None when there are none on disk)."""
+    root = Path(str(getattr(tokenizer, "name_or_path", "") or ""))
+    names = sorted(set((getattr(tokenizer, "vocab_files_names", None) or {}).values()) | {"tokenizer.json"})
+    h = hashlib.sha256()
+    found = False
+    for name in names:
+        f = root / name
+        if root.is_dir() and f.is_file():
+            h.update(name.encode() + b"\0" + f.read_bytes() + b"\0")
+            found = True
+    if not found:
+        return None
+    return (f"files:{h.hexdigest()}:{type(tokenizer).__module__}.{type(tokenizer).__qualname__}:"
+            f"transformers-{version('transformers')}:tokenizers-{version('tokenizers')}")
+
+
+def _model_fingerprint(tokenizer: Any, backend: Any, cache: Path) -> str:
+    key = _files_key(tokenizer)
+    hit = _read_cache(cache).get(key) if key else None
+    if hit:
+        return hit
+    value = _sha256(backend.model.__getstate__())
+    if key:
+        _write_cache(cache, key, value)
+    return value
+
+
+def _pipeline_is_qwen(backend: Any) -> str:
+    """'' when normalizer / pre-tokenizer / post-processor are the ones tiktoken reproduces, else why not."""
+    norm = json.loads(backend.normalizer.__getstate__()) if backend.normalizer is not None else None
+    if norm not in (None, {"type": "NFC"}):
+        return f"normalizer {norm}"
+    pre = json.loads(backend.pre_tokenizer.__getstate__()) if backend.pre_tokenizer is not None else None
+    steps = pre.get("pretokenizers") if isinstance(pre, dict) and pre.get("type") == "Sequence" else None
+    if not (isinstance(steps, list) and len(steps) == 2
+            and steps[0] == {"type": "Split", "pattern": {"Regex": QWEN_PAT_STR}, "behavior": "Isolated",
+                             "invert": False}
+            and steps[1].get("type") == "ByteLevel" and steps[1].get("add_prefix_space") is False
+            and steps[1].get("use_regex") is False):
+        return f"pre-tokenizer {pre}"
+    post = json.loads(backend.post_processor.__getstate__()) if backend.post_processor is not None else None
+    if post is not None and not (post.get("type") == "ByteLevel" and post.get("trim_offsets") is False):
+        return f"post-processor {post}"  # trimmed offsets would move label boundaries
+    return ""
+
+
+class TiktokenRuns:
+    """Encodes runs of rendered text (between the template's control tokens) as the HF backend would."""
+
+    def __init__(self, added: dict[str, tuple[int, bool]], n_ranks: int) -> None:
+        bpe = _load_bpe(None)
+        self._encode = bpe.encoding.encode_ordinary
+        contents = sorted(added, key=len, reverse=True)
+        self._added_re = re.compile("|".join(map(re.escape, contents))) if contents else None
+        self._added = {c: (None if special else tid) for c, (tid, special) in added.items()}
+        # Bytes per token id, for offsets: tiktoken is lossless, added tokens are their content verbatim.
+        top = max([n_ranks - 1] + [tid for tid, _ in added.values()])
+        nbytes = [0] * (top + 1)
+        for tid, token in bpe.id_to_bytes.items():
+            nbytes[tid] = len(token)
+        for c, (tid, _) in added.items():
+            nbytes[tid] = len(c.encode("utf-8"))
+        self._nbytes = nbytes
+        self._cache: dict[str, list[int]] = {}  # short runs repeat: role headers, "\n", the default system
+
+    def encode(self, run: str) -> list[int] | None:
+        """The run's ids, or None when a piece is not NFC (HF would normalize it; tiktoken cannot)."""
+        ids = self._cache.get(run) if len(run) <= 256 else None
+        if ids is not None:
+            return ids
+        added = self._added_re
+        if added is None or not added.search(run):
+            if not unicodedata.is_normalized("NFC", run):
+                return None
+            ids = self._encode(run)
+        else:
+            ids = []
+            last = 0
+            for m in added.finditer(run):
+                tid = self._added[m.group(0)]
+                if tid is None:  # a special token: plain text here, as in HF with encode_special_tokens
+                    continue
+                if m.start() > last:
+                    piece = run[last:m.start()]
+                    if not unicodedata.is_normalized("NFC", piece):
+                        return None
+                    ids += self._encode(piece)
+                ids.append(tid)
+                last = m.end()
+            if last < len(run):
+                piece = run[last:]
+                if not unicodedata.is_normalized("NFC", piece):
+                    return None
+                ids += self._encode(piece)
+        if len(run) <= 256:
+            if len(self._cache) >= 4096:
+                self._cache.clear()
+            self._cache[run] = ids
+        return ids
+
+    def offsets(self, run: str, ids: list[int]) -> Iterator[tuple[int, int]]:
+        """Char offsets of each token in the run, as HF reports them: a token holding part of a character
+        spans that whole character. Lazy: label walks stop at the last span boundary of a run."""
+        nbytes = self._nbytes
+        if run.isascii():
+            pos = 0
+            for t in ids:
+                n = nbytes[t]
+                yield pos, pos + n
+                pos += n
+            return
+        ci = 0  # the char holding byte `cb` (its first byte)
+        cb = 0
+        bpos = 0
+        for t in ids:
+            start, bpos = bpos, bpos + nbytes[t]
+            while cb + len(run[ci].encode("utf-8")) <= start:
+                cb += len(run[ci].encode("utf-8"))
+                ci += 1
+            s = ci
+            cj, cbj = ci, cb
+            while cbj + len(run[cj].encode("utf-8")) < bpos:
+                cbj += len(run[cj].encode("utf-8"))
+                cj += 1
+            yield s, cj + 1
+
+
+class TiktokenEncoding:
+    """One run's ids from the fast path; offsets computed only when a label walk asks for them."""
+
+    __slots__ = ("ids", "_run", "_fast")
+
+    def __init__(self, ids: list[int], run: str, fast: TiktokenRuns) -> None:
+        self.ids, self._run, self._fast = ids, run, fast
+
+    @property
+    def offsets(self) -> Iterator[tuple[int, int]]:
+        return self._fast.offsets(self._run, self.ids)
+
+
+def tiktoken_runs(tokenizer: Any) -> tuple[TiktokenRuns | None, str]:
+    """The tiktoken run encoder for this tokenizer, or None and why it is not Qwen's BPE exactly."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None, "no fast backend"
+    try:
+        reason = _pipeline_is_qwen(backend)
+        if reason:
+            return None, reason
+        added: dict[str, tuple[int, bool]] = {}
+        n_ranks = len(_load_bpe(None).ranks)
+        for tid, tok in backend.get_added_tokens_decoder().items():
+            if tid < n_ranks:
+                return None, f"added token {tok.content!r} has a regular vocabulary id {tid}"
+            if tok.special:
+                if not tok.normalized:
+                    added[tok.content] = (tid, True)
+                continue
+            if tok.lstrip or tok.rstrip or tok.single_word or tok.normalized:
+                return None, f"added token {tok.content!r} has lstrip/rstrip/single_word/normalized set"
+            added[tok.content] = (tid, False)
+        cache = cache_root() / _CACHE_FILE
+        if _model_fingerprint(tokenizer, backend, cache) != _reference_fingerprint(cache):
+            return None, "its BPE vocabulary/merges differ from qwen.tiktoken's"
+    except (OSError, ValueError, AttributeError, TypeError) as e:  # an unusual backend: the HF path is exact
+        return None, f"cannot inspect the tokenizer ({type(e).__name__}: {e})"
+    return TiktokenRuns(added, n_ranks), ""

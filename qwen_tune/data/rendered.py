@@ -1,0 +1,173 @@
+"""A rendered conversation cut into runs at the template's control tokens, and its labels from the assistant spans.
+
+See :mod:`qwen_tune.data.chat_template` for why special tokens typed in data are marked before rendering and why
+the spans are read off one full rendering.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from ..constants import IGNORE_INDEX, IM_END
+
+# Private-use code points no tokenizer text contains; wrapped around special tokens typed in data.
+MARK_START, MARK_END = "\U000f0100", "\U000f0101"
+
+
+def mark(obj: Any, pattern: re.Pattern) -> Any:
+    if isinstance(obj, str):
+        return pattern.sub(lambda m: MARK_START + m.group(0) + MARK_END, obj)
+    if isinstance(obj, dict):
+        return {k: mark(v, pattern) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [mark(v, pattern) for v in obj]
+    return obj
+
+
+@dataclass
+class Rendered:
+    text: str  # the rendered conversation, markers removed
+    runs: list[tuple[int, str]]  # (start in text, text run) between template control tokens
+    specials: list[tuple[int, int, int]]  # (start, end, id) of template-emitted special tokens
+    items: list[tuple[str, int]]  # in order: ("run", index into runs) or ("special", index into specials)
+
+
+class Segmenter:
+    """Cuts a marked rendering at the template's own special tokens (see chat_template's docstring)."""
+
+    def __init__(self, special_ids: dict[str, int]) -> None:
+        specials = sorted(special_ids, key=len, reverse=True)
+        alt = "|".join(map(re.escape, specials)) or "(?!)"
+        self.special_re = re.compile(alt)
+        # A marked special (data: plain text), a stray marker (a template string method split a pair), or a
+        # bare special (the template's own control token).
+        self._split_re = re.compile(f"{MARK_START}({alt}){MARK_END}|[{MARK_START}{MARK_END}]|({alt})")
+        self._bare_split = re.compile(f"({alt})")
+        self._special_ids = special_ids
+
+    def segment(self, marked: str) -> Rendered:
+        if MARK_START in marked or MARK_END in marked:
+            return self._segment_marked(marked)
+        # No special typed in data: every special-token string is the template's (one C-level split).
+        parts = self._bare_split.split(marked)
+        runs: list[tuple[int, str]] = []
+        specials: list[tuple[int, int, int]] = []
+        items: list[tuple[str, int]] = []
+        special_ids = self._special_ids
+        pos = 0
+        for k in range(0, len(parts) - 1, 2):
+            run, sp = parts[k], parts[k + 1]
+            if run:
+                items.append(("run", len(runs)))
+                runs.append((pos, run))
+                pos += len(run)
+            items.append(("special", len(specials)))
+            specials.append((pos, pos + len(sp), special_ids[sp]))
+            pos += len(sp)
+        if parts[-1]:
+            items.append(("run", len(runs)))
+            runs.append((pos, parts[-1]))
+        return Rendered(marked, runs, specials, items)
+
+    def _segment_marked(self, marked: str) -> Rendered:
+        parts: list[str] = []
+        bounds: list[tuple[int, int]] = []
+        specials: list[tuple[int, int, int]] = []
+        items: list[tuple[str, int]] = []
+        pos = last = run_start = 0
+        for m in self._split_re.finditer(marked):
+            parts.append(marked[last:m.start()])
+            pos += m.start() - last
+            last = m.end()
+            if m.group(1) is not None:  # typed in data: stays in the text run, as plain text
+                parts.append(m.group(1))
+                pos += len(m.group(1))
+            elif m.group(2) is not None:  # the template's own control token ends the run
+                if pos > run_start:
+                    bounds.append((run_start, pos))
+                    items.append(("run", len(bounds) - 1))
+                specials.append((pos, pos + len(m.group(2)), self._special_ids[m.group(2)]))
+                items.append(("special", len(specials) - 1))
+                parts.append(m.group(2))
+                pos += len(m.group(2))
+                run_start = pos
+        parts.append(marked[last:])
+        pos += len(marked) - last
+        if pos > run_start:
+            bounds.append((run_start, pos))
+            items.append(("run", len(bounds) - 1))
+        text = "".join(parts)
+        return Rendered(text, [(s, text[s:e]) for s, e in bounds], specials, items)
+
+    # ------------------------------------------------------------------ encoding
+
+
+def label_tokens(r: Rendered, encodings: list[Any],
+                 spans: Sequence[tuple[int, int]] = ()) -> tuple[list[int], list[int]]:
+    """Ids of the rendering and their labels: a token is labelled when it overlaps an assistant span.
+
+    Most runs lie wholly inside or outside every span and are labelled in bulk; only a run a span
+    boundary cuts (``assistant\n`` + content, the ``\n`` after ``<|im_end|>``) is walked by offsets.
+    Items and spans are both in text order (spans disjoint), so one pointer walks the spans.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    n_spans = len(spans)
+    si = 0
+    for kind, idx in r.items:
+        if kind == "special":
+            start, _, tid = r.specials[idx]
+            ids.append(tid)
+            while si < n_spans and spans[si][1] <= start:
+                si += 1
+            labels.append(tid if si < n_spans and spans[si][0] <= start else IGNORE_INDEX)
+            continue
+        base, text = r.runs[idx]
+        enc = encodings[idx]
+        tids = enc.ids
+        ids.extend(tids)
+        end = base + len(text)
+        while si < n_spans and spans[si][1] <= base:
+            si += 1
+        j = si
+        while j < n_spans and spans[j][0] < end:
+            j += 1
+        if j == si:
+            labels.extend([IGNORE_INDEX] * len(tids))
+            continue
+        cut = spans[si:j]
+        if cut[0][0] <= base and cut[0][1] >= end:
+            labels.extend(tids)
+            continue
+        # Walk tokens only up to the last boundary in the run; past it, all lie on one side.
+        last = max(x for a, b in cut for x in (a, b) if base < x < end)
+        tail = tids if cut[-1][0] <= end - 1 < cut[-1][1] else None
+        for k, (t, (s, e)) in enumerate(zip(tids, enc.offsets)):
+            if base + s >= last:
+                labels.extend(tail[k:] if tail is not None else [IGNORE_INDEX] * (len(tids) - k))
+                break
+            labels.append(t if any(base + s < b and base + e > a for a, b in cut) else IGNORE_INDEX)
+    return ids, labels
+
+def assistant_spans(r: Rendered, im_start: int, im_end: int) -> list[tuple[int, int]]:
+    """Assistant turn bodies: after a template-emitted ``<|im_start|>assistant\\n`` through ``<|im_end|>`` + ``\\n``."""
+    spans = []
+    text = r.text
+    header = "assistant\n"
+    end_positions = [s for s, _, tid in r.specials if tid == im_end]
+    ei = 0
+    for s, e, tid in r.specials:
+        if tid != im_start or not text.startswith(header, e):
+            continue
+        body = e + len(header)
+        while ei < len(end_positions) and end_positions[ei] < body:
+            ei += 1
+        if ei == len(end_positions):
+            end = len(text)
+        else:
+            close = end_positions[ei]
+            end = close + len(IM_END) + (text.startswith("\n", close + len(IM_END)))
+        spans.append((body, end))
+    return spans
