@@ -99,6 +99,44 @@ def worker(path: str, T: int, steps: int, vocab: int) -> dict:
             "increase_gib": (peak - base) / 2**20, "samples": len(lens), "max_len": max(lens)}
 
 
+def attention_only(T: int, repeats: int) -> dict:
+    """Attention alone (4 heads / 2 KV heads, head_dim 64, one layer): forward + backward of both paths, interleaved
+    in one process, best of `repeats`; the dense path includes building its mask, as every step did."""
+    import torch
+
+    from qwen_tune.models.packed_attention import packed_sdpa_attention
+    from qwen_tune.train.trainer import packed_attention_mask
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    class Layer(torch.nn.Module):
+        num_key_value_groups, is_causal, training = 2, True, True
+
+    lens = sample_lengths(T)
+    pos = torch.cat([torch.arange(n) for n in lens])[None]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, T, 64, generator=g, requires_grad=True) for h in (4, 2, 2))
+    layer = Layer()
+
+    def dense() -> torch.Tensor:
+        return sdpa_attention_forward(layer, q, k, v, packed_attention_mask(pos, torch.float32), scaling=0.125)[0]
+
+    def per_sample() -> torch.Tensor:
+        return packed_sdpa_attention(layer, q, k, v, None, position_ids=pos, scaling=0.125)[0]
+
+    best = {"dense": float("inf"), "per_sample": float("inf")}
+    outs = {}
+    for _ in range(repeats):
+        for name, fn in (("dense", dense), ("per_sample", per_sample)):
+            t = time.perf_counter()
+            out = fn()
+            out.backward(torch.ones_like(out))
+            best[name] = min(best[name], time.perf_counter() - t)
+            outs[name] = out.detach()
+            q.grad = k.grad = v.grad = None
+    diff = (outs["dense"] - outs["per_sample"]).abs().max().item()
+    return {**{f"{n}_s": t for n, t in best.items()}, "max_abs_diff": diff, "samples": len(lens)}
+
+
 def run_one(path: str, T: int, steps: int, vocab: int, timeout: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", path, str(T), str(steps), str(vocab)]
     try:
@@ -120,8 +158,19 @@ def main() -> int:
                     help="151936 for Qwen's; the LM head costs the same on every path and dominates short rows")
     ap.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per (length, path) process")
+    ap.add_argument("--attention", type=int, nargs="+", help="attention alone at these lengths (no model)")
+    ap.add_argument("--repeats", type=int, default=5, help="--attention: interleaved repeats, best is reported")
     ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.attention:
+        rows = []
+        for T in args.attention:
+            r = attention_only(T, args.repeats)
+            print(f"attention T={T}: {r}", flush=True)
+            rows.append([T, r["samples"], f"{r['dense_s']:.3f}", f"{r['per_sample_s']:.3f}",
+                         f"{r['dense_s'] / r['per_sample_s']:.2f}x", f"{r['max_abs_diff']:.1e}"])
+        print(table(["tokens", "samples", "(a) dense s", "(b) per-sample s", "speed-up", "max |diff|"], rows)[0])
+        return 0
     if args.worker:
         print(json.dumps(worker(args.worker[0], *map(int, args.worker[1:]))))
         return 0

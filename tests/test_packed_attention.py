@@ -8,7 +8,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.masking_utils import create_causal_mask
 
-from qwen_tune.models.packed_attention import PACKED_SDPA, register_packed_sdpa, segment_lengths, use_packed_sdpa
+from qwen_tune.models.packed_attention import (PACKED_SDPA, dense_mask_is_faster, register_packed_sdpa, segment_lengths,
+                                               use_packed_sdpa)
 from qwen_tune.models.qwen1 import QWenConfig
 from qwen_tune.train.trainer import packed_attention_mask
 
@@ -86,6 +87,19 @@ def test_per_sample_loss_and_grads_equal_dense_mask_and_separate_samples(model_t
     packed = _loss_and_grads(model, batch, dense_mask=False)
     _assert_same(packed, dense, 1e-5, 1e-5, f"{model_type} {case} vs dense")
     _assert_same(packed, alone, 1e-5, 1e-5, f"{model_type} {case} vs separate")
+    # The dense mask still passes through unchanged (rows of many tiny samples keep it).
+    _assert_same(_loss_and_grads(model, batch, dense_mask=True), dense, 1e-6, 1e-6, f"{model_type} {case} dense")
+
+
+def test_dense_mask_rule():
+    def pos(lens):
+        return torch.cat([torch.arange(n) for n in lens])[None]
+
+    assert not dense_mask_is_faster(pos([300, 700, 1048]))  # a realistic 2k row
+    assert not dense_mask_is_faster(pos([32] * 64))
+    assert dense_mask_is_faster(pos([8] * 256))  # measured: dense 2.2x faster
+    assert not dense_mask_is_faster(pos([16] * 512))  # 8k tokens: per-sample 1.7x faster
+    assert not dense_mask_is_faster(pos([5]))
 
 
 def test_bf16_per_sample_is_as_close_to_fp32_as_the_dense_mask():

@@ -36,6 +36,21 @@ def segment_lengths(position_ids: torch.Tensor) -> list[list[int]]:
     return [torch.bincount(row).tolist() for row in sample]
 
 
+# Per-sample SDPA pays a fixed cost per sample and layer (a kernel call and its backward, the split and the cat);
+# the dense mask pays for all T^2 scores. bench/bench_long.py --attention, 2 busy CPU cores: 2,048-token rows of
+# 8-token samples (256 of them) run 0.46x as fast per sample as dense, 32-token ones (64) 1.9x; 8,192 tokens of
+# 16-token samples (512) 1.7x. Break-even is near T^2 / 42,000 samples; the rule keeps the dense mask above
+# T^2 / 32,768 (a mean sample under 32,768 / T tokens), which realistic SFT rows never reach beyond ~1k tokens.
+DENSE_ROW_SAMPLES_PER_T2 = 1 / 32768
+
+
+def dense_mask_is_faster(position_ids: torch.Tensor) -> bool:
+    """Whether a packed batch holds so many short samples that one dense block mask beats per-sample SDPA."""
+    T = position_ids.shape[-1]
+    samples = int(packed_sample_index(position_ids)[:, -1].max()) + 1
+    return samples > max(1.0, T * T * DENSE_ROW_SAMPLES_PER_T2)
+
+
 def packed_sdpa_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
                      attention_mask: torch.Tensor | None = None, local_size: int | None = None,
                      **kwargs: Any) -> torch.Tensor | None:
@@ -83,6 +98,8 @@ def register_packed_sdpa() -> None:
 def use_packed_sdpa(model: Any) -> bool:
     """Switch a model that runs "sdpa" to "sdpa_packed" for its packed rows; False (keep the dense block mask) when
     transformers refuses the implementation for this model."""
+    if getattr(model.config, "_attn_implementation", None) == PACKED_SDPA:
+        return True
     if getattr(model, "_qwen_tune_dense_packing", False):
         return False
     register_packed_sdpa()
@@ -93,5 +110,6 @@ def use_packed_sdpa(model: Any) -> bool:
         log.info("packed rows: dense block-diagonal mask + SDPA (%s does not take %s: %s)",
                  type(model).__name__, PACKED_SDPA, str(exc).splitlines()[0][:120] if str(exc) else "")
         return False
-    log.info("packed rows: per-sample SDPA (%s), no T x T mask; padded rows keep SDPA's own mask", PACKED_SDPA)
+    log.info("packed rows: per-sample SDPA (%s), no T x T mask, unless a row of T tokens holds over T^2/%d samples "
+             "(dense block mask); padded rows keep SDPA's own mask", PACKED_SDPA, round(1 / DENSE_ROW_SAMPLES_PER_T2))
     return True
