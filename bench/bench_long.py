@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_info, machine_line, table, write_results  # noqa: E402
+from _common import RESULTS, machine_info, machine_line, table, write_results  # noqa: E402
 from make_data import MAX_TOKENS, MEDIAN_TOKENS, MIN_TOKENS, SIGMA  # noqa: E402
 
 PATHS = {"dense": "(a) dense float mask + SDPA", "per_sample": "(b) per-sample SDPA", "flex": "(c) flex_attention"}
@@ -99,7 +99,7 @@ def worker(path: str, T: int, steps: int, vocab: int) -> dict:
             "increase_gib": (peak - base) / 2**20, "samples": len(lens), "max_len": max(lens)}
 
 
-def attention_only(T: int, repeats: int) -> dict:
+def attention_only(T: int, repeats: int, sample_len: int = 0) -> dict:
     """Attention alone (4 heads / 2 KV heads, head_dim 64, one layer): forward + backward of both paths, interleaved
     in one process, best of `repeats`; the dense path includes building its mask, as every step did."""
     import torch
@@ -111,7 +111,7 @@ def attention_only(T: int, repeats: int) -> dict:
     class Layer(torch.nn.Module):
         num_key_value_groups, is_causal, training = 2, True, True
 
-    lens = sample_lengths(T)
+    lens = [sample_len] * (T // sample_len) if sample_len else sample_lengths(T)
     pos = torch.cat([torch.arange(n) for n in lens])[None]
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, h, T, 64, generator=g, requires_grad=True) for h in (4, 2, 2))
@@ -150,6 +150,23 @@ def run_one(path: str, T: int, steps: int, vocab: int, timeout: int) -> dict:
     return json.loads(lines[-1])
 
 
+def _table(results: dict[str, dict[str, dict]]) -> tuple[str, str]:
+    rows = []
+    for T, cells in sorted(results.items(), key=lambda kv: int(kv[0])):
+        a = cells.get("dense", {})
+        for path, r in cells.items():
+            if "error" in r:
+                rows.append([int(T), len(sample_lengths(int(T))), PATHS[path], "-", "-", "-", "-", "-", "-",
+                             r["error"].split(". ")[0]])
+                continue
+            speed = f"{a['step_s'] / r['step_s']:.2f}x" if "step_s" in a else "-"
+            mem = f"{r['increase_gib'] / a['increase_gib']:.2f}x" if "increase_gib" in a else "-"
+            rows.append([int(T), r["samples"], PATHS[path], f"{r['step_s']:.2f}", len(r["steps_s"]), speed,
+                         f"{r['peak_gib']:.2f}", f"{r['increase_gib']:.2f}", mem, f"{r['loss']:.6f}"])
+    return table(["tokens", "samples", "attention", "step s", "steps", "speed-up vs (a)", "peak RSS GiB",
+                  "RSS increase GiB", "increase vs (a)", "loss"], rows)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768])
@@ -158,50 +175,46 @@ def main() -> int:
                     help="151936 for Qwen's; the LM head costs the same on every path and dominates short rows")
     ap.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per (length, path) process")
+    ap.add_argument("--update", action="store_true", help="keep the other lengths of the last results file")
     ap.add_argument("--attention", type=int, nargs="+", help="attention alone at these lengths (no model)")
+    ap.add_argument("--sample-len", type=int, nargs="+", default=[0],
+                    help="--attention: rows of equal samples of these lengths (0: make_data's mix)")
     ap.add_argument("--repeats", type=int, default=5, help="--attention: interleaved repeats, best is reported")
     ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.attention:
-        rows = []
-        for T in args.attention:
-            r = attention_only(T, args.repeats)
-            print(f"attention T={T}: {r}", flush=True)
-            rows.append([T, r["samples"], f"{r['dense_s']:.3f}", f"{r['per_sample_s']:.3f}",
-                         f"{r['dense_s'] / r['per_sample_s']:.2f}x", f"{r['max_abs_diff']:.1e}"])
-        print(table(["tokens", "samples", "(a) dense s", "(b) per-sample s", "speed-up", "max |diff|"], rows)[0])
-        return 0
     if args.worker:
         print(json.dumps(worker(args.worker[0], *map(int, args.worker[1:]))))
         return 0
     info = machine_info()
-    results: dict[str, dict[str, dict]] = {}
-    rows = []
+    if args.attention:
+        rows, out = [], {}
+        for T, n in ((T, n) for T in args.attention for n in args.sample_len):
+            r = out[f"{T}/{n or 'mix'}"] = attention_only(T, args.repeats, n)
+            print(f"attention T={T} sample length {n or 'mix'}: {r}", flush=True)
+            rows.append([T, n or "make_data mix", r["samples"], f"{r['dense_s']:.3f}", f"{r['per_sample_s']:.3f}",
+                         f"{r['dense_s'] / r['per_sample_s']:.2f}x", f"{r['max_abs_diff']:.1e}"])
+        text, md = table(["tokens", "sample length", "samples", "(a) dense s", "(b) per-sample s", "speed-up", "max |diff|"], rows)
+        print(text)
+        write_results("long_packed_attention", {"machine": info, "repeats": args.repeats, "results": out},
+                      f"# Packed-row attention alone\n\nMachine: {machine_line(info)}\n\nOne attention layer (4 / 2 "
+                      f"KV heads, head_dim 64), forward + backward, the dense path including its mask; best of "
+                      f"{args.repeats}, interleaved.\n\n{md}")
+        return 0
+    old = RESULTS / "long_packed.json"
+    results: dict[str, dict[str, dict]] = json.loads(old.read_text())["results"] if args.update and old.exists() else {}
     for T in args.lengths:
-        lens = sample_lengths(T)
-        results[str(T)] = {}
+        results.setdefault(str(T), {})
         for path in args.paths:
             r = results[str(T)][path] = run_one(path, T, args.steps, args.vocab, args.timeout)
             print(f"T={T} {path}: {r}", flush=True)
-        a = results[str(T)].get("dense", {})
-        for path in args.paths:
-            r = results[str(T)][path]
-            if "error" in r:
-                rows.append([T, len(lens), PATHS[path], "-", "-", "-", "-", "-", r["error"]])
-                continue
-            speed = f"{a['step_s'] / r['step_s']:.2f}x" if "step_s" in a else "-"
-            mem = f"{r['increase_gib'] / a['increase_gib']:.2f}x" if "increase_gib" in a else "-"
-            rows.append([T, len(lens), PATHS[path], f"{r['step_s']:.2f}", speed, f"{r['peak_gib']:.2f}",
-                         f"{r['increase_gib']:.2f}", mem, f"{r['loss']:.6f}"])
-    text, md = table(["tokens", "samples", "attention", "step s", "speed-up vs (a)", "peak RSS GiB",
-                      "RSS increase GiB", "increase vs (a)", "loss"], rows)
+    text, md = _table(results)
     print(text)
-    head = (f"# Long packed rows\n\nMachine: {machine_line(info)}\n\nTiny Qwen2 (hidden 256, 4 layers, 4 / 2 KV heads, "
-            f"{args.vocab:,} vocab), one packed row of make_data.py-mix samples, forward + chunked loss + backward; "
-            f"best of {args.steps} step(s) after a short warm-up row, one fresh process per cell. Peak RSS is the worker's "
-            f"VmHWM; the increase is over its RSS once the model and batch were built.\n")
-    write_results("long_packed", {"machine": info, "model": {**MODEL, "vocab_size": args.vocab}, "steps": args.steps, "results": results,
-                                  "sample_lengths": {str(T): sample_lengths(T) for T in args.lengths}},
+    head = (f"# Long packed rows\n\nMachine: {machine_line(info)}\n\nTiny Qwen2 (hidden 256, 4 layers, 4 / 2 KV "
+            f"heads, {args.vocab:,} vocab), one packed row of make_data.py-mix samples, forward + chunked loss + "
+            f"backward; best of the timed steps after a short warm-up row, one fresh process per cell. Peak RSS is "
+            f"the worker's VmHWM (its ru_maxrss); the increase is over its RSS once the model and batch were built.\n")
+    write_results("long_packed", {"machine": info, "model": {**MODEL, "vocab_size": args.vocab}, "results": results,
+                                  "sample_lengths": {T: sample_lengths(int(T)) for T in results}},
                   head + "\n" + md)
     return 0
 
