@@ -97,8 +97,8 @@ def test_dense_mask_rule():
 
     assert not dense_mask_is_faster(pos([300, 700, 1048]))  # a realistic 2k row
     assert not dense_mask_is_faster(pos([32] * 64))
-    assert dense_mask_is_faster(pos([8] * 256))  # measured: dense 2.2x faster
-    assert not dense_mask_is_faster(pos([16] * 512))  # 8k tokens: per-sample 1.7x faster
+    assert dense_mask_is_faster(pos([8] * 256))  # 256 samples > 2048^2 / 32768 = 128
+    assert not dense_mask_is_faster(pos([16] * 512))  # 512 <= 8192^2 / 32768 = 2048
     assert not dense_mask_is_faster(pos([5]))
 
 

@@ -37,10 +37,10 @@ def segment_lengths(position_ids: torch.Tensor) -> list[list[int]]:
 
 
 # Per-sample SDPA pays a fixed cost per sample and layer (a kernel call and its backward, the split and the cat);
-# the dense mask pays for all T^2 scores. bench/bench_long.py --attention, 2 busy CPU cores: 2,048-token rows of
-# 8-token samples (256 of them) run 0.46x as fast per sample as dense, 32-token ones (64) 1.9x; 8,192 tokens of
-# 16-token samples (512) 1.7x. Break-even is near T^2 / 42,000 samples; the rule keeps the dense mask above
-# T^2 / 32,768 (a mean sample under 32,768 / T tokens), which realistic SFT rows never reach beyond ~1k tokens.
+# the dense mask pays for all T^2 scores. bench/bench_long.py --attention on 2 shared CPU cores: per-sample wins on
+# realistic rows (1.4x at 2k, 3.1x at 8k) and on 8-token samples at 8k (4.2x); 2k rows of 8-token samples (256)
+# measured 1.24x, and 0.46x under heavy load. The dense mask is kept above T^2 / 32,768 samples (a mean sample
+# under 32,768 / T tokens), where it won at least once and is small (16 MiB at 2k); SFT rows never get there.
 DENSE_ROW_SAMPLES_PER_T2 = 1 / 32768
 
 
