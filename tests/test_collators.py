@@ -87,24 +87,40 @@ def test_packed_float_mask_matches_transformers_mask(samples):
     torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
 
 
-def test_trainer_passes_the_shared_mask_for_packed_sdpa(samples, tmp_path):
+def test_trainer_runs_packed_sdpa_rows_per_sample(tmp_path, caplog):
+    """QwenTrainer switches a packed SDPA model to per-sample SDPA: no T x T mask reaches the model and the loss is
+    transformers' own packed one; a row of many tiny samples keeps the dense mask (dense_mask_is_faster)."""
+    import logging
+
     from transformers import TrainingArguments
 
+    from qwen_tune.models.packed_attention import PACKED_SDPA
     from qwen_tune.train.trainer import QwenTrainer
 
+    def row(lens):
+        g = torch.Generator().manual_seed(len(lens))
+        feats = [{"input_ids": torch.randint(0, 151936, (n,), generator=g).tolist()} for n in lens]
+        return PackingCollator()([dict(f, labels=f["input_ids"]) for f in feats])
+
     model = tiny_qwen2("sdpa")
+    rows = {"long": row([300, 1, 211]), "tiny": row([4] * 32)}
+    expected = {}
+    with torch.no_grad():
+        for name, batch in rows.items():  # transformers' own packed (boolean) mask
+            expected[name] = per_token_loss_sum(model, batch) / int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     trainer = QwenTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"))
-    batch = PackingCollator()(samples)
-    seen = {}
+    seen = []
     handle = model.model.register_forward_pre_hook(
-        lambda m, args, kwargs: seen.update(mask=kwargs.get("attention_mask")), with_kwargs=True)
+        lambda m, args, kwargs: seen.append(kwargs.get("attention_mask")), with_kwargs=True)
     try:
-        with torch.no_grad():
-            loss = trainer.compute_loss(model, dict(batch))
+        with torch.no_grad(), caplog.at_level(logging.INFO, logger="qwen_tune"):
+            losses = {name: [trainer.compute_loss(model, dict(b)).item() for _ in range(2)]
+                      for name, b in rows.items()}
     finally:
         handle.remove()
-    assert torch.equal(seen["mask"], packed_attention_mask(batch["position_ids"], torch.float32))
-    n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-    with torch.no_grad():
-        expected = per_token_loss_sum(model, batch) / n  # transformers' own packed (boolean) mask
-    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert seen[:2] == [None, None]
+    assert all(torch.equal(m, packed_attention_mask(rows["tiny"]["position_ids"], torch.float32)) for m in seen[2:])
+    assert model.config._attn_implementation == PACKED_SDPA
+    assert sum("per-sample SDPA" in r.getMessage() for r in caplog.records) == 1  # decided and logged once
+    for name in rows:
+        assert losses[name] == pytest.approx([expected[name]] * 2, rel=1e-5)

@@ -150,6 +150,17 @@ def test_logits_use_estimate_logits_bytes_and_chunking():
     assert packed.tokens_per_step == 2048
 
 
+def test_packed_sdpa_rows_are_charged_no_mask():
+    """Packed SDPA rows run per-sample attention (no T x T mask), like flash-attention varlen; padded rows still
+    get transformers' mask."""
+    def act(attn: str, packing: bool) -> int:
+        return estimate_memory(make_recipe(training__batch_size=4, data__packing=packing, data__max_len=8192,
+                                           model__attn_implementation=attn), model_config=TINY).activations
+
+    assert act("sdpa", True) == act("flash_attention_2", True)
+    assert act("sdpa", False) >= act("flash_attention_2", False) + 4 * 8192 ** 2
+
+
 def test_methods_precision_and_checkpointing_order():
     cfg = QWEN1_PRESETS["qwen-7b"]
     targets = ["c_attn", "c_proj", "w1", "w2"]

@@ -1,8 +1,8 @@
 """Packed == separate for every supported family: a packed row's per-sample logits are those of each sample alone.
 
 Families whose linear-attention layers cannot keep packed samples apart must have fallen back to padding (per-sample
-rows), which is exact. The batch goes through `make_collator` exactly as `run_training` builds it, and QwenTrainer's
-packed SDPA mask is added as in training.
+rows), which is exact. The batch goes through `make_collator` exactly as `run_training` builds it; packed rows run
+with the dense block mask and with per-sample SDPA ("sdpa_packed"), QwenTrainer's two packed SDPA paths.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from qwen_tune.data.collators import PackingCollator, PaddingCollator, make_coll
 from qwen_tune.data.formats import Conversation
 from qwen_tune.data.template import ChatMLEncoder
 from qwen_tune.models.families import FAMILIES, packing_is_exact
+from qwen_tune.models.packed_attention import use_packed_sdpa
 from qwen_tune.models.qwen1 import QWenConfig
 from qwen_tune.train.trainer import packed_attention_mask
 
@@ -83,6 +84,12 @@ def test_packed_equals_separate(model_type, samples):
     with torch.no_grad():
         alone = [_logits(model, PaddingCollator(PAD)([s]))[0] for s in samples]
         got = _logits(model, batch)
+        if model_type not in RECURRENT:  # and per-sample SDPA, the trainer's default for packed rows
+            assert use_packed_sdpa(model)
+            per_sample = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits.float()
+            for i, (a, b) in enumerate(zip(per_sample[0].split(lens), alone)):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4,
+                                           msg=lambda m: f"{model_type} per-sample SDPA, sample {i}: {m}")
     if model_type in RECURRENT:
         assert isinstance(collator, PaddingCollator)
         rows = [got[i, :n] for i, n in enumerate(lens)]

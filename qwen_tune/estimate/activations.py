@@ -41,8 +41,9 @@ def activation_parts(shape: ModelShape, recipe: Recipe, b: int, a: int, p: int, 
                   if recipe.method != "full" and shape.expert_lora_params(targets, lora.r) else 0)
 
     sdpa = recipe.model.attn_implementation == "sdpa"
-    # Packed rows: QwenTrainer passes one float block mask shared by all layers. Padded rows: transformers passes
-    # a boolean mask, which SDPA converts to a new float tensor in every layer and keeps for that layer's backward.
+    # Packed rows run per-sample SDPA (models/packed_attention.py): no mask, and the kernel keeps only each row's
+    # logsumexp. Padded rows: transformers passes a boolean mask, which SDPA converts to a new float tensor in
+    # every layer and keeps for that layer's backward.
     per_layer_mask = rows * S * S * b if sdpa and not recipe.data.packing and rows > 1 else 0
     layers = scores = worst = 0
     for kind in shape.layer_kinds:
@@ -62,9 +63,7 @@ def activation_parts(shape: ModelShape, recipe: Recipe, b: int, a: int, p: int, 
             scores += quad * kind.count
         layers += layer * kind.count
         worst = max(worst, layer)
-    if sdpa and recipe.data.packing:
-        mask = rows * S * S * b
-    elif sdpa and rows > 1:
+    if sdpa and not recipe.data.packing and rows > 1:
         mask = rows * S * S
     else:
         mask = 0
@@ -74,6 +73,6 @@ def activation_parts(shape: ModelShape, recipe: Recipe, b: int, a: int, p: int, 
         "recompute": int(worst + 2 * b * h * T),
         "head": int((4 * h + b * h) * T),  # final norm (+ the hidden rows the loss reads)
         "embedding": int(b * h * T),
-        "mask": int(mask),  # the mask tensor passed to every layer
+        "mask": int(mask),  # the boolean mask transformers builds once for padded rows
         "scores": int(scores),
     }

@@ -22,6 +22,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import sort_checkpoints
 
 from ..constants import DEFAULT_LOSS_CHUNK_SIZE, IGNORE_INDEX
+from ..models.packed_attention import PACKED_SDPA, dense_mask_is_faster, use_packed_sdpa
 from ..models.packing import packed_sample_index
 from .loss import causal_lm_loss
 
@@ -171,7 +172,10 @@ class QwenTrainer(Trainer):
         labels = inputs["labels"]
         inner = _unwrap(self.model)
         if ("position_ids" in inputs and "attention_mask" not in inputs and "cu_seq_lens_q" not in inputs
-                and getattr(inner.config, "_attn_implementation", None) == "sdpa"):
+                and getattr(inner.config, "_attn_implementation", None) in ("sdpa", PACKED_SDPA)
+                and (not use_packed_sdpa(inner) or dense_mask_is_faster(inputs["position_ids"]))):
+            # Per-sample SDPA needs no mask (bench/bench_long.py); the dense one stays for rows of many tiny
+            # samples and for a model that refuses "sdpa_packed".
             dtype = inner.get_input_embeddings().weight.dtype
             inputs = dict(inputs, attention_mask=packed_attention_mask(inputs["position_ids"], dtype))
         if self.loss_mode == "plain":

@@ -1,8 +1,8 @@
 """Packed rows == separate sequences through the GPU attention kernels, on a tiny Qwen2.
 
 Separate sequences run through SDPA's flash backend (causal, no mask). Packed rows run as qwen-tune trains them:
-SDPA with the trainer's shared block-diagonal float mask (the memory-efficient backend, the one that takes a
-mask), SDPA given only the packed position_ids (transformers builds the mask), and flash-attention 2's varlen
+per-sample SDPA ("sdpa_packed", the trainer's default for packed SDPA rows), SDPA with the trainer's shared
+block-diagonal float mask (the memory-efficient backend, the one that takes a mask), SDPA given only the packed position_ids (transformers builds the mask), and flash-attention 2's varlen
 kernel with the collator's cu_seq_lens when flash-attn is installed. On CPU (dry mode) the same comparisons run
 on torch's CPU kernels.
 """
@@ -90,6 +90,19 @@ def test_packed_sdpa_from_position_ids_alone():
     with torch.no_grad():
         packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
     _compare("sdpa+position_ids", _split(packed), _separate(model, samples))
+
+
+def test_packed_sdpa_per_sample():
+    """What QwenTrainer runs for packed SDPA rows: "sdpa_packed", SDPA per sample on the flash backend (no mask)."""
+    from qwen_tune.models.packed_attention import use_packed_sdpa
+
+    model, samples = _model("sdpa"), _samples()
+    separate = _separate(model, samples)
+    assert use_packed_sdpa(model)
+    batch = {k: v.to(DEVICE) for k, v in PackingCollator()(samples).items()}
+    with torch.no_grad(), _backend("flash"):  # errors if a mask was passed
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    _compare("sdpa_packed (flash kernel per sample)", _split(packed), separate)
 
 
 def test_packed_loss_and_gradients_match_separate():
