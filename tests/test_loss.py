@@ -404,3 +404,33 @@ def test_loss_path_selection():
     assert _path(zero3=True, head_trainable=True, fp16_logits=True) == ("zero3_head", None)
     with pytest.raises(ValueError, match="impossible"):
         _path(zero3=True, recompute=False)
+
+
+def test_trainer_keeps_one_workspace_across_steps(tmp_path):
+    """QwenTrainer hands its LossWorkspace to every loss call: a frozen head's logits reuse one buffer from step to
+    step, and the loss and gradients stay those of transformers' own loss."""
+    from transformers import TrainingArguments
+
+    from qwen_tune.train.trainer import QwenTrainer
+
+    model, input_ids, labels = _tiny_qwen2()
+    model.lm_head.weight.requires_grad_(False)  # as with LoRA on a chat model
+    trainer = QwenTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
+                                                              report_to="none"), compile_loss=False)
+    batch = {"input_ids": input_ids, "labels": labels}
+    ptrs = []
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        ref = model(input_ids=input_ids, labels=labels).loss
+        ref.backward()
+        ref_grads = _model_grads(model)
+        model.zero_grad(set_to_none=True)
+        loss = trainer.compute_loss(model, dict(batch))
+        loss.backward()
+        torch.testing.assert_close(loss, ref, atol=ATOL, rtol=0)
+        grads = _model_grads(model)
+        assert grads.keys() == ref_grads.keys() and "lm_head.weight" not in grads
+        for k in grads:
+            torch.testing.assert_close(grads[k], ref_grads[k], atol=ATOL, rtol=0)
+        ptrs.append(trainer.loss_workspace.buffer.data_ptr())
+    assert ptrs[0] == ptrs[1]
