@@ -8,10 +8,12 @@
 Results go to bench/results/train_<part>.{json,md}.
 
 Both sides train the *same* model from the *same* initial weights (a tiny random Qwen2: hidden 256,
-4 layers, 4 heads / 2 KV heads, MLP 1024, untied 151,936-token embeddings and head; LoRA r=8,
-alpha 16, dropout 0 on q/k/v/o/gate/up/down -- qwen-tune's Qwen2 default targets; fp32, SDPA) on
-the *same* conversations, with the same optimizer (the Trainer's AdamW, lr 1e-3), the same number
-of optimizer steps and samples per step. The sides run in one process, step by step, interleaved
+4 layers, 4 heads / 2 KV heads, MLP 1024, untied 151,936-token embeddings and head; LoRA with the
+lora recipe's defaults, r=64, alpha 16, dropout 0.05, on q/k/v/o/gate/up/down -- qwen-tune's Qwen2
+default targets; fp32, SDPA) on the *same* conversations, with the recipe's optimizer, schedule and
+clipping (the Trainer's fused AdamW, lr 3e-4 cosine, weight decay 0.1, beta2 0.95, max_grad_norm 1),
+the same number of optimizer steps and samples per step. The MFU columns divide the step's useful
+FLOPs (useful_flops()) by an fp32 GEMM peak measured in this process on the same threads. The sides run in one process, step by step, interleaved
 (who goes first rotates every step), so a noisy shared machine hits both alike. Time is measured
 as wall time (the headline tokens/s) and as process CPU time (a check that is less sensitive to
 other processes on the machine).
@@ -27,7 +29,8 @@ qwen-tune:
   * ``make_collator(packing=True)`` -> ``PackingCollator``: one padding-free row per step;
   * ``QwenTrainer.training_step`` -> ``compute_loss``: one shared float block mask for the packed row,
     decoder forward hook + ``logits_to_keep=[]`` + chunked ``causal_lm_loss`` over supervised rows only,
-    gradients taken chunk by chunk in the forward (loss_chunk_size 2048, its default).
+    gradients taken chunk by chunk in the forward (the recipe's loss_chunk_size, 1024); the model built by
+    the production ``apply_method`` with gradient_checkpointing auto resolved as the CLI resolves it.
 Both pass the step's supervised-token count as ``num_items_in_batch`` (as the Trainer does), so they
 optimise exactly the same objective: the per-step losses are printed side by side as a check.
 
