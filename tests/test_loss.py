@@ -108,6 +108,52 @@ def test_compile_setting_env_override(monkeypatch):
     assert loss_kernel.compile_enabled(None) is None and loss_kernel.compile_enabled(False) is False
 
 
+def test_compile_auto_switches_after_the_eager_work_repays_a_compile(monkeypatch):
+    """compile=None: big chunks compile at once; small ones stay eager until the workspace's eager work reaches
+    COMPILE_AFTER_ELEMENTS (and only that workspace's: another trainer starts at zero)."""
+    monkeypatch.delenv("QWEN_TUNE_COMPILE_LOSS", raising=False)
+    monkeypatch.setattr(loss_kernel, "COMPILE_AFTER_ELEMENTS", 3 * 50 * 64)
+    ws = loss_kernel.LossWorkspace()
+    assert loss_kernel.use_compiled(None, loss_kernel.COMPILE_MIN_ELEMENTS, None)
+    assert not loss_kernel.use_compiled(None, 50 * 64, ws) and not loss_kernel.use_compiled(False, 1 << 40, ws)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        logits, t = torch.randn(50, 64, generator=gen), torch.randint(0, 64, (50,), generator=gen)
+        ref = F.cross_entropy(logits, t, reduction="sum")
+        torch.testing.assert_close(loss_kernel.ce_grad_inplace(logits, t, None, ws), ref, atol=1e-4, rtol=1e-6)
+    assert ws.eager_elements == 3 * 50 * 64
+    assert loss_kernel.use_compiled(None, 50 * 64, ws)
+    assert not loss_kernel.use_compiled(None, 50 * 64, loss_kernel.LossWorkspace())
+    monkeypatch.setenv("QWEN_TUNE_COMPILE_LOSS", "0")
+    assert not loss_kernel.use_compiled(None, 50 * 64, ws)
+
+
+@pytest.mark.parametrize("hooked", [False, True], ids=["bare-matmuls", "hooked-head-called-as-module"])
+def test_frozen_plain_head_runs_as_matmuls_into_a_reused_buffer(setup, hooked, monkeypatch):
+    """A frozen bias-free nn.Linear without hooks is applied as two matmuls, its logits written into the
+    workspace's buffer (kept across calls); a hook (or a wrapper) keeps the module call. Same numbers either way."""
+    head, hidden, labels, _ = setup
+    head.weight.requires_grad_(False)
+    calls = []
+    if hooked:
+        head.register_forward_hook(lambda m, a, out: calls.append(a[0].shape[0]))
+    ws = loss_kernel.LossWorkspace()
+    ref = _loss_and_grads(_reference, hidden, head, labels)
+    calls.clear()
+    n_valid = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    for chunk in (7, 2048, 7):
+        got = _loss_and_grads(causal_lm_loss, hidden, head, labels, chunk_size=chunk, compile=False, workspace=ws)
+        torch.testing.assert_close(got[0], ref[0], atol=ATOL, rtol=0)
+        torch.testing.assert_close(got[1], ref[1], atol=ATOL, rtol=0)
+        if chunk == 2048 and not hooked:
+            ptr = ws.buffer.data_ptr()
+    if hooked:
+        assert ws.buffer is None and sum(calls) == 3 * n_valid
+    else:
+        assert calls == [] and ws.buffer.numel() == n_valid * V and ws.buffer.data_ptr() == ptr  # grown once, reused
+        assert ws.eager_elements == 3 * n_valid * V
+
+
 def test_frozen_head_gets_no_grad_and_hidden_grads_match(setup):
     head, hidden, labels, _ = setup
     head.weight.requires_grad_(False)
@@ -358,3 +404,33 @@ def test_loss_path_selection():
     assert _path(zero3=True, head_trainable=True, fp16_logits=True) == ("zero3_head", None)
     with pytest.raises(ValueError, match="impossible"):
         _path(zero3=True, recompute=False)
+
+
+def test_trainer_keeps_one_workspace_across_steps(tmp_path):
+    """QwenTrainer hands its LossWorkspace to every loss call: a frozen head's logits reuse one buffer from step to
+    step, and the loss and gradients stay those of transformers' own loss."""
+    from transformers import TrainingArguments
+
+    from qwen_tune.train.trainer import QwenTrainer
+
+    model, input_ids, labels = _tiny_qwen2()
+    model.lm_head.weight.requires_grad_(False)  # as with LoRA on a chat model
+    trainer = QwenTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
+                                                              report_to="none"), compile_loss=False)
+    batch = {"input_ids": input_ids, "labels": labels}
+    ptrs = []
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        ref = model(input_ids=input_ids, labels=labels).loss
+        ref.backward()
+        ref_grads = _model_grads(model)
+        model.zero_grad(set_to_none=True)
+        loss = trainer.compute_loss(model, dict(batch))
+        loss.backward()
+        torch.testing.assert_close(loss, ref, atol=ATOL, rtol=0)
+        grads = _model_grads(model)
+        assert grads.keys() == ref_grads.keys() and "lm_head.weight" not in grads
+        for k in grads:
+            torch.testing.assert_close(grads[k], ref_grads[k], atol=ATOL, rtol=0)
+        ptrs.append(trainer.loss_workspace.buffer.data_ptr())
+    assert ptrs[0] == ptrs[1]

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ..constants import DEFAULT_LOSS_CHUNK_SIZE, IGNORE_INDEX
-from .loss_kernel import ce_grad_inplace, chunk_ce_sum
+from .loss_kernel import LossWorkspace, ce_grad_inplace, chunk_ce_sum, frozen_linear_weight
 from .loss_zero3 import Zero3HeadCE
 
 __all__ = ["IGNORE_INDEX", "causal_lm_loss", "estimate_logits_bytes", "select_loss_path"]
@@ -177,15 +177,24 @@ class _HeadCEWithGrads(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, rows: torch.Tensor, targets: torch.Tensor, chunk_size: int, lm_head: nn.Module,
-                compile: bool | None, *params: torch.Tensor) -> torch.Tensor:
+                compile: bool | None, workspace: LossWorkspace, *params: torch.Tensor) -> torch.Tensor:
         need_rows = ctx.needs_input_grad[0]
-        wants = [ctx.needs_input_grad[5 + i] for i in range(len(params))]
+        wants = [ctx.needs_input_grad[6 + i] for i in range(len(params))]
         grad_rows = torch.empty_like(rows) if need_rows else None
         grad_params: list[torch.Tensor | None] = [None] * len(params)
         total = torch.zeros((), dtype=torch.float32, device=rows.device)
+        # A frozen plain head (LoRA on a chat model) is two bare matmuls per chunk: the logits go into the
+        # workspace's buffer and the input gradient straight into grad_rows, without an autograd graph.
+        weight = frozen_linear_weight(lm_head, rows) if need_rows else None
         for start in range(0, rows.shape[0], chunk_size):
-            r = rows[start : start + chunk_size].detach().requires_grad_(need_rows)
             t = targets[start : start + chunk_size]
+            if weight is not None:
+                r = rows[start : start + chunk_size].detach()
+                g = torch.mm(r, weight.t(), out=workspace.logits(r.shape[0], weight.shape[0], r.dtype, r.device))
+                total += ce_grad_inplace(g, t, compile, workspace)
+                torch.mm(g, weight, out=grad_rows[start : start + chunk_size])
+                continue
+            r = rows[start : start + chunk_size].detach().requires_grad_(need_rows)
             with torch.enable_grad():
                 logits = lm_head(r)
             wrt = ([r] if need_rows else []) + [p for p, w in zip(params, wants) if w]
@@ -193,7 +202,7 @@ class _HeadCEWithGrads(torch.autograd.Function):
                 # d(sum CE)/d(logits) = softmax - onehot, written over the logits (nothing in a linear head's
                 # backward reads its output, so overwriting it is safe).
                 g = logits.detach()
-                total += ce_grad_inplace(g, t, compile)
+                total += ce_grad_inplace(g, t, compile, workspace)
                 grads = list(torch.autograd.grad(logits, wrt, grad_outputs=g, allow_unused=True))
                 if need_rows:
                     grad_rows[start : start + chunk_size] = grads.pop(0)
@@ -214,7 +223,7 @@ class _HeadCEWithGrads(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         grad_rows, *grad_params = ctx.saved_tensors
         scale = (lambda g: None if g is None else g * grad_out.to(g.dtype))
-        return (scale(grad_rows), None, None, None, None, *map(scale, grad_params))
+        return (scale(grad_rows), None, None, None, None, None, *map(scale, grad_params))
 
 
 def _recomputed_ce_sum(lm_head: nn.Module, rows: torch.Tensor, targets: torch.Tensor, chunk_size: int,
@@ -263,6 +272,7 @@ def causal_lm_loss(
     use_liger: bool | None = None,
     recompute: bool | None = None,
     compile: bool | None = None,
+    workspace: LossWorkspace | None = None,
 ) -> torch.Tensor:
     """Causal-LM cross entropy from decoder hidden states, without full logits.
 
@@ -286,6 +296,8 @@ def causal_lm_loss(
             through ``torch.compile`` (fused loops): ``True``, ``False``, or
             ``None`` for chunks big enough to repay the compile; the env var
             ``QWEN_TUNE_COMPILE_LOSS=0/1`` overrides it (see loss_kernel.py).
+        workspace: a ``LossWorkspace`` kept across calls (the trainer's): its CPU
+            logits buffer is reused, and it counts eager work for ``compile=None``.
 
     Returns:
         fp32 scalar loss, equal (up to float rounding) to
@@ -334,7 +346,8 @@ def causal_lm_loss(
         if path != "grads_in_forward":
             loss_sum = _recomputed_ce_sum(lm_head, rows, targets, chunk_size, n_chunks, zero3)
         else:
-            loss_sum = _HeadCEWithGrads.apply(rows, targets, chunk_size, lm_head, compile, *head_params)
+            loss_sum = _HeadCEWithGrads.apply(rows, targets, chunk_size, lm_head, compile,
+                                             workspace or LossWorkspace(), *head_params)
         if n_valid == 0:  # only possible with synced (ZeRO-3) empty chunks
             return (hidden_states.sum() * 0).float() + loss_sum * 0
 

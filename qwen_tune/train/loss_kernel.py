@@ -8,10 +8,17 @@ pointwise loop that writes the gradient over the logits; liger-kernel does the s
 
 The compiled function is built once per process with ``dynamic=True`` (one graph for every row count and
 vocabulary size; dtypes and devices get their own guard). Compiling costs ~15 s with inductor's disk cache
-warm and a minute or more cold on 2 busy cores, so ``compile=None`` compiles only for chunks big enough that
-the saving repays it within a few steps; ``QWEN_TUNE_COMPILE_LOSS=0`` (or a recipe's
-``training.compile_loss: false``) turns it off and ``=1`` forces it. Any compile failure (no C++ compiler,
-an unsupported backend) warns once and keeps the eager path, which computes the same numbers.
+warm and a minute or more cold on 2 busy cores, so ``compile=None`` compiles for chunks big enough that the
+saving repays it within a few steps, and otherwise once the eager path has spent about what a compile costs
+(``COMPILE_AFTER_ELEMENTS`` logits through it, counted per ``LossWorkspace``, i.e. per trainer): a run of many
+small steps (one short sample per step) pays at most about twice the better choice, a short test run never
+compiles. ``QWEN_TUNE_COMPILE_LOSS=0`` (or a recipe's ``training.compile_loss: false``) turns it off and ``=1``
+forces it. Any compile failure (no C++ compiler, an unsupported backend) warns once and keeps the eager path,
+which computes the same numbers.
+
+``LossWorkspace`` also keeps one logits buffer for the chunks on CPU: a fresh ``rows x 151,936`` tensor is
+a new mmap that the head matmul must first page in (the kernel zero-fills every page), which costs ~30 % of
+that matmul here; the CUDA caching allocator already reuses its blocks.
 """
 
 from __future__ import annotations
@@ -24,15 +31,56 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ce_grad_inplace", "chunk_ce_sum", "compile_enabled", "COMPILE_MIN_ELEMENTS"]
+__all__ = ["ce_grad_inplace", "chunk_ce_sum", "compile_enabled", "frozen_linear_weight", "LossWorkspace",
+           "use_compiled", "COMPILE_AFTER_ELEMENTS", "COMPILE_MIN_ELEMENTS"]
 
 # Chunks under this many logits stay eager when compile is on "auto": ~2^27 floats take ~2 s of eager
 # element-wise work here, so the warm compile is repaid in a handful of chunks, while the tiny models of a
 # test run never pay for a compile at all.
 COMPILE_MIN_ELEMENTS = 1 << 27
+# ... unless the eager path already processed this many logits for the same workspace: ~5 ns each on one core
+# here, so ~20 s of eager element-wise work, about one warm compile (the ski-rental rule: rent until renting has
+# cost the purchase). One short sample per step (~250 supervised rows) crosses it after ~110 steps.
+COMPILE_AFTER_ELEMENTS = 1 << 32
 
 _COMPILED: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 _COMPILE_FAILED: str | None = None
+
+
+class LossWorkspace:
+    """What the chunked loss keeps between calls (one per trainer): a CPU logits buffer, and the logits that
+    went through the eager element-wise path (for the ``compile=None`` decision)."""
+
+    def __init__(self) -> None:
+        self.buffer: torch.Tensor | None = None
+        self.eager_elements = 0
+
+    def logits(self, rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """An uninitialised ``[rows, vocab]`` tensor, a view of the kept buffer on CPU (grown when needed)."""
+        if device.type != "cpu":
+            return torch.empty((rows, vocab), dtype=dtype, device=device)
+        need = rows * vocab
+        if self.buffer is None or self.buffer.numel() < need or self.buffer.dtype != dtype:
+            self.buffer = None  # free the old one before allocating its successor
+            self.buffer = torch.empty(need, dtype=dtype)
+        return self.buffer[:need].view(rows, vocab)
+
+
+def frozen_linear_weight(lm_head: nn.Module, rows: torch.Tensor) -> torch.Tensor | None:
+    """The weight of a head that can be applied as a bare matmul, else None.
+
+    That is a frozen, bias-free ``nn.Linear`` with no hooks (global ones included: calling it as a module would
+    run them), in the rows' dtype and outside autocast; any wrapper (peft, ZeRO-3) keeps the module call.
+    """
+    hooks = (lm_head._forward_hooks or lm_head._forward_pre_hooks
+             or getattr(nn.modules.module, "_global_forward_hooks", None)
+             or getattr(nn.modules.module, "_global_forward_pre_hooks", None))
+    if type(lm_head) is not nn.Linear or lm_head.bias is not None or hooks:
+        return None
+    w = lm_head.weight
+    if w.requires_grad or w.dtype != rows.dtype or w.device != rows.device or torch.is_autocast_enabled(rows.device.type):
+        return None
+    return w
 
 
 def chunk_ce_sum(lm_head: nn.Module, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -80,15 +128,24 @@ def _compiled() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
     return _COMPILED
 
 
-def ce_grad_inplace(logits: torch.Tensor, targets: torch.Tensor, compile: bool | None = None) -> torch.Tensor:
+def use_compiled(compile: bool | None, numel: int, workspace: LossWorkspace | None) -> bool:
+    """Whether a chunk of ``numel`` logits goes through the compiled kernel (see the module docstring)."""
+    mode = compile_enabled(compile)
+    if mode is None:
+        return numel >= COMPILE_MIN_ELEMENTS or (workspace is not None
+                                                  and workspace.eager_elements >= COMPILE_AFTER_ELEMENTS)
+    return mode
+
+
+def ce_grad_inplace(logits: torch.Tensor, targets: torch.Tensor, compile: bool | None = None,
+                    workspace: LossWorkspace | None = None) -> torch.Tensor:
     """Summed CE of ``logits`` [n, V] (no grad) against ``targets`` [n]; ``logits`` becomes its gradient.
 
     Nothing in a linear head's backward (nor LoRA's add) reads the head's output, so the caller may pass the
     detached logits and then use them as the ``grad_outputs`` of the head. The loss is fp32.
     """
     global _COMPILE_FAILED
-    mode = compile_enabled(compile)
-    use = mode is True or (mode is None and logits.numel() >= COMPILE_MIN_ELEMENTS)
+    use = use_compiled(compile, logits.numel(), workspace)
     # Rows 0/1 would each get their own specialised graph (dynamo specialises sizes 0 and 1): not worth one.
     if use and logits.shape[0] >= 2 and _COMPILE_FAILED is None:
         fn = _compiled()
@@ -100,4 +157,6 @@ def ce_grad_inplace(logits: torch.Tensor, targets: torch.Tensor, compile: bool |
                 warnings.warn(f"causal_lm_loss: torch.compile of the loss chunk failed ({_COMPILE_FAILED}); "
                               "using the eager path (set QWEN_TUNE_COMPILE_LOSS=0 to skip the attempt)",
                               stacklevel=2)
+    if workspace is not None:
+        workspace.eager_elements += logits.numel()
     return _ce_grad_eager(logits, targets)

@@ -25,6 +25,7 @@ from ..constants import DEFAULT_LOSS_CHUNK_SIZE, IGNORE_INDEX
 from ..models.packed_attention import PACKED_SDPA, dense_mask_is_faster, use_packed_sdpa
 from ..models.packing import packed_sample_index
 from .loss import causal_lm_loss
+from .loss_kernel import LossWorkspace
 
 COMPLETE_MARKER = "qwen_tune_complete"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
@@ -159,6 +160,7 @@ class QwenTrainer(Trainer):
         self.loss_mode = loss_mode
         self.loss_chunk_size = loss_chunk_size
         self.compile_loss = compile_loss
+        self.loss_workspace = LossWorkspace()  # the loss's reused CPU logits buffer and its compile bookkeeping
         # Our loss divides by num_items_in_batch itself; tell the Trainer so it counts label tokens over the
         # whole accumulation window and does not divide by the accumulation steps again.
         self.model_accepts_loss_kwargs = True
@@ -194,7 +196,7 @@ class QwenTrainer(Trainer):
             handle.remove()
         loss = causal_lm_loss(captured["h"], inner.get_output_embeddings(), labels,
                               num_items_in_batch=num_items_in_batch, chunk_size=self.loss_chunk_size,
-                              compile=self.compile_loss)
+                              compile=self.compile_loss, workspace=self.loss_workspace)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch counts every process's tokens, while gradients are averaged across processes.
             loss = loss * self.accelerator.num_processes
