@@ -130,7 +130,7 @@ def test_a_different_vocabulary_does_not_take_the_fast_path(family_dirs, tmp_pat
     tok = PreTrainedTokenizerFast.from_pretrained(str(d))
     enc = TemplateEncoder(tok, ChatTemplate("checkpoint", tok.chat_template or
                                             (src / "chat_template.jinja").read_text(), "swapped"), 10**6)
-    assert enc.fast_path() is None and "differ from qwen.tiktoken" in enc.fast_reason
+    assert enc.fast_path() is None and "vocabulary differs from qwen.tiktoken" in enc.fast_reason
     c = Conversation("s", [("user", "hello world"), ("assistant", "hello world")])
     ids = enc.encode([c])[0].input_ids  # still exact, through the HF tokenizer
     assert ids == tok.apply_chat_template(c.messages(), tokenize=True, return_dict=False)
@@ -157,11 +157,11 @@ def test_fingerprint_is_cached_by_file_content(family_dirs, tmp_path):
     saved = cache.read_text()
     entries = json.loads(saved)
     key = fast_bpe._files_key(tok)
-    assert key in entries and any(k.startswith("reference:") for k in entries)
+    assert entries.get(key) == "ok"
     try:
         # The cached verdict is what a later run reads (no re-serialization): a wrong entry under this key is
         # believed, which shows the key is the files' content -- changing a file changes the key.
-        entries[key] = "0" * 64
+        entries[key] = "not verified"
         cache.write_text(json.dumps(entries))
         assert fast_bpe.tiktoken_runs(tok)[0] is None
         with open(d / "tokenizer.json", "a") as f:  # other bytes, same model: a new key, verified again
@@ -184,3 +184,100 @@ def test_fast_path_is_decided_only_once_enough_text_is_seen(family_tok, family_d
     second = enc.encode([c] * 5)[0]
     assert enc._fast is not None and enc.fast_reason == ""
     assert (first.input_ids, first.labels) == (second.input_ids, second.labels)
+
+
+def _classic_one_merge_per_token(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """The usual tiktoken -> merges conversion: per token, the two parts tiktoken's BPE leaves on its bytes when
+    only lower ranks may merge (written here independently of fast_bpe's own final pairs)."""
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) < 2:
+            continue
+        parts = [bytes([b]) for b in token]
+        while True:
+            pairs = [(ranks.get(parts[i] + parts[i + 1]), i) for i in range(len(parts) - 1)]
+            r, i = min((p for p in pairs if p[0] is not None and p[0] < rank), default=(None, None))
+            if r is None:
+                break
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        assert len(parts) == 2, token
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+@pytest.fixture(scope="module")
+def one_merge_dir(family_dirs, tmp_path_factory):
+    """qwen3's tokenizer with the one-merge-per-token list released Qwen2/2.5/3 tokenizer.json files have."""
+    from qwen_tune.models.qwen1.tiktoken_bpe import _bytes_to_str, _load_bpe
+
+    data = json.loads((family_dirs["qwen3"] / "tokenizer.json").read_text())
+    merges = _classic_one_merge_per_token(_load_bpe(None).ranks)
+    data["model"]["merges"] = [[_bytes_to_str(a), _bytes_to_str(b)] for a, b in merges]
+    d = tmp_path_factory.mktemp("one_merge")
+    shutil.copytree(family_dirs["qwen3"], d, dirs_exist_ok=True)
+    (d / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False))
+    return d, data
+
+
+_MULTILINGUAL = ["Hello, world! It's 2024-06-01; naïve café déjà vu.", "你好，世界！今天天气很好。机器学习",
+                 "こんにちは、世界。カタカナとひらがな", "안녕하세요 세계", "Привет, мир! Съешь же ещё этих булок",
+                 "مرحبا بالعالم", "नमस्ते दुनिया", "Γειά σου Κόσμε", "สวัสดีชาวโลก", "😀👍🏽🇫🇷👨‍👩‍👧 emoji",
+                 "def f(x):\n    return x**2  # comment\n\n\tif x:\r\n", "   lots   of    spaces\n\n\n",
+                 "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa ababababababab ==== ---- ....", "ÅΩ\u00e9\u0301 Zürich Straße"]
+
+
+def test_one_merge_per_token_takes_the_fast_path_and_equals_tiktoken(one_merge_dir, family_dirs):
+    from qwen_tune.models.qwen1.tiktoken_bpe import _load_bpe
+
+    d, _ = one_merge_dir
+    tok = PreTrainedTokenizerFast.from_pretrained(str(d))
+    assert len(tok.backend_tokenizer.model.__getstate__()) < 0.8 * len(
+        AutoTokenizer.from_pretrained(family_dirs["qwen3"]).backend_tokenizer.model.__getstate__())
+    runs, why = fast_bpe.tiktoken_runs(tok)
+    assert runs is not None, why
+    enc = _load_bpe(None).encoding
+    rng_text = "".join(_MULTILINGUAL)
+    for text in _MULTILINGUAL + [rng_text, rng_text[::-1]]:
+        ids = tok.backend_tokenizer.encode(text, add_special_tokens=False).ids
+        assert ids == enc.encode_ordinary(__import__("unicodedata").normalize("NFC", text)), text
+    # every token's own bytes, the hardest pieces: HF must build each token exactly as tiktoken does
+    model = tok.backend_tokenizer.model
+    bpe = _load_bpe(None)
+    for token_str, tid in list(bpe.byte_level_vocab.items())[::7]:
+        assert [t.id for t in model.tokenize(token_str)] == [tid]
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])
+@given(data=st.data())
+def test_one_merge_per_token_fast_path_equals_the_hf_path(data, one_merge_dir):
+    d, _ = one_merge_dir
+    if "one_merge" not in _ENCODERS:
+        tok = PreTrainedTokenizerFast.from_pretrained(str(d))
+        tpl = ChatTemplate("checkpoint", (d / "chat_template.jinja").read_text(), "qwen3")
+        _ENCODERS["one_merge"] = TemplateEncoder(tok, tpl, 10**6), TemplateEncoder(tok, tpl, 10**6, fast=False)
+        assert _ENCODERS["one_merge"][0].fast_path() is not None, _ENCODERS["one_merge"][0].fast_reason
+    fast, slow = _ENCODERS["one_merge"]
+    same(fast, slow, data.draw(st.lists(conversations(True), min_size=1, max_size=4)))
+
+
+@pytest.mark.parametrize("damage", ["missing", "swapped", "other_split_first"])
+def test_merges_not_provably_tiktokens_are_refused(damage, one_merge_dir):
+    from qwen_tune.models.qwen1.tiktoken_bpe import _load_bpe
+
+    _, data = one_merge_dir
+    model = json.loads(json.dumps(data["model"]))
+    merges = model["merges"]  # undamaged it passes: test_one_merge_per_token_takes_the_fast_path...
+    vocab = _load_bpe(None).byte_level_vocab
+    i = next(i for i, (a, b) in enumerate(merges) if len(a + b) > 4)
+    if damage == "missing":
+        del merges[i]
+    elif damage == "swapped":  # two neighbours in rank order exchanged
+        merges[i], merges[i + 1] = merges[i + 1], merges[i]
+    else:  # a valid split of a token listed before its final pair
+        a, b = merges[i]
+        t = a + b
+        split = next([t[:k], t[k:]] for k in range(1, len(t)) if t[:k] in vocab and t[k:] in vocab
+                     and [t[:k], t[k:]] != [a, b])
+        merges.insert(i, split)
+    assert "merges differ" in fast_bpe._merges_verdict(model)

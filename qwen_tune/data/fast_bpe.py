@@ -6,11 +6,11 @@ tiktoken's ``encode_ordinary`` for the same ids, which made the chat-template pa
 
 The shortcut is taken only when it is verified to give the HF backend's ids exactly (:func:`tiktoken_runs`):
 
-* the BPE model serializes to the same bytes as the one ``export_qwen2_tokenizer`` builds from ``qwen.tiktoken``
-  (same vocab ids, merges, options): a sha256 fingerprint, compared with the reference's. Serializing costs ~0.5 s,
-  so the fingerprint is cached on disk keyed by the content hash of the tokenizer's files (plus the tokenizer
-  class and library versions, which decide how those files are loaded); the reference fingerprint is cached by
-  the hash of ``qwen.tiktoken``;
+* the BPE model's vocab is ``qwen.tiktoken``'s ranks (byte-level strings, same ids), its options are Qwen's, and
+  its merges make HF's merging provably tiktoken's (:func:`_merges_verdict`): released Qwen2/3 files list one merge
+  per token, ``export_qwen2_tokenizer`` lists every split; both pass. The check costs ~3 s, so its verdict is
+  cached on disk keyed by the content hash of the tokenizer's files (plus the tokenizer class and library
+  versions, which decide how those files are loaded);
 * normalizer NFC (or none), pre-tokenizer exactly Qwen's Split regex + ByteLevel without a prefix space, offsets
   not trimmed, and added tokens without lstrip/rstrip/single_word, non-special ones matched unnormalized.
 
@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..constants import cache_root
-from ..models.qwen1.tiktoken_bpe import QWEN_PAT_STR, QWEN_TIKTOKEN_PATH, _load_bpe
+from ..models.qwen1.tiktoken_bpe import QWEN_PAT_STR, _load_bpe
 
 log = logging.getLogger(__name__)
 _CACHE_FILE = "bpe_fingerprints.json"
@@ -68,20 +68,6 @@ def _write_cache(path: Path, key: str, value: str) -> None:
         log.debug("could not write %s: %s", path, e)
 
 
-def _reference_fingerprint(cache: Path) -> str:
-    """sha256 of the serialized BPE model that ``export_qwen2_tokenizer`` builds from the bundled ranks."""
-    key = "reference:" + _sha256(QWEN_TIKTOKEN_PATH.read_bytes()) + ":tokenizers-" + version("tokenizers")
-    hit = _read_cache(cache).get(key)
-    if hit:
-        return hit
-    from tokenizers import models
-
-    vocab, merges = _load_bpe(None).vocab_and_merges
-    value = _sha256(models.BPE(vocab=vocab, merges=merges, **_BPE_OPTIONS).__getstate__())
-    _write_cache(cache, key, value)
-    return value
-
-
 def _files_key(tokenizer: Any) -> str | None:
     """Content hash of the files the tokenizer was loaded from (None when there are none on disk)."""
     root = Path(str(getattr(tokenizer, "name_or_path", "") or ""))
@@ -99,15 +85,59 @@ def _files_key(tokenizer: Any) -> str | None:
             f"transformers-{version('transformers')}:tokenizers-{version('tokenizers')}")
 
 
-def _model_fingerprint(tokenizer: Any, backend: Any, cache: Path) -> str:
+def _merges_verdict(model: dict[str, Any]) -> str:
+    """'' when HF BPE with this model encodes every piece as tiktoken over qwen.tiktoken does, else why not.
+
+    Accepted: vocab == the ranks; each merge (a, b) has a, b, a+b in the vocab, no pair twice, merges in
+    non-decreasing rank of a+b; for every multi-byte token t, the first merge producing t is t's final pair
+    (``final_merges``: the last pair tiktoken merges on t's bytes alone, which is the only pair tiktoken ever merges
+    into t). Proof, by induction on the steps of one piece, both starting from its single bytes: say the states are
+    equal and tiktoken merges (x, y) -> t at position p, t of the lowest rank r present, leftmost. Every listed pair
+    present forms a token, so of rank >= r; the listing puts those of rank r (forming t) first, and of them (x, y)
+    first; (x, y) is present at p and nowhere left of p (that pair would be leftmost): HF merges (x, y) at p too.
+    When tiktoken has no pair left, HF has none either (its pairs form tokens); when HF stops, tiktoken does (its next
+    merge would be a listed final pair). Every qwen.tiktoken token is built by BPE, so tiktoken's whole-piece
+    shortcut agrees. Other splits listed before the final pair are refused: qwen.tiktoken has tokens with a part
+    of higher rank than their own and tokens t = x+y = y+v, so HF could pick (y, v) right of (x, y) and part ways.
+    """
+    opts = {k: model.get(k) for k in _BPE_OPTIONS}
+    if model.get("type") != "BPE" or opts != _BPE_OPTIONS:
+        return f"its BPE options {opts} are not Qwen's"
+    bpe = _load_bpe(None)
+    vocab = bpe.byte_level_vocab
+    if model.get("vocab") != vocab:
+        return "its BPE vocabulary differs from qwen.tiktoken's"
+    first: dict[str, tuple[str, str]] = {}
+    seen: set[tuple[str, str]] = set()
+    last = -1
+    for i, merge in enumerate(model.get("merges") or ()):
+        a, b = merge.split(" ", 1) if isinstance(merge, str) else merge  # older files: "a b" (no byte maps to " ")
+        rank = vocab.get(a + b)
+        if rank is None or a not in vocab or b not in vocab:
+            return f"its merge #{i} {a!r} {b!r} does not join two vocabulary tokens into one"
+        if rank < last or (a, b) in seen:
+            return f"its merges differ from qwen.tiktoken's (merge #{i} {a!r} {b!r} out of rank order or repeated)"
+        last = rank
+        seen.add((a, b))
+        first.setdefault(a + b, (a, b))
+    final = bpe.final_merges
+    if sum(len(t) > 1 for t in vocab) != len(final):
+        return "qwen.tiktoken has tokens BPE cannot build"
+    if first != final:
+        bad = next(t for t in final if first.get(t) != final[t])
+        return f"its merges differ from qwen.tiktoken's (token {bad!r} is not first built from {final[bad]})"
+    return ""
+
+
+def _model_verdict(tokenizer: Any, backend: Any, cache: Path) -> str:
     key = _files_key(tokenizer)
     hit = _read_cache(cache).get(key) if key else None
-    if hit:
-        return hit
-    value = _sha256(backend.model.__getstate__())
+    if hit is not None:
+        return "" if hit == "ok" else hit
+    verdict = _merges_verdict(json.loads(backend.model.__getstate__()))
     if key:
-        _write_cache(cache, key, value)
-    return value
+        _write_cache(cache, key, verdict or "ok")
+    return verdict
 
 
 def _pipeline_is_qwen(backend: Any) -> str:
@@ -245,8 +275,9 @@ def tiktoken_runs(tokenizer: Any) -> tuple[TiktokenRuns | None, str]:
                 return None, f"added token {tok.content!r} has lstrip/rstrip/single_word/normalized set"
             added[tok.content] = (tid, False)
         cache = cache_root() / _CACHE_FILE
-        if _model_fingerprint(tokenizer, backend, cache) != _reference_fingerprint(cache):
-            return None, "its BPE vocabulary/merges differ from qwen.tiktoken's"
+        reason = _model_verdict(tokenizer, backend, cache)
+        if reason:
+            return None, reason
     except (OSError, ValueError, AttributeError, TypeError) as e:  # an unusual backend: the HF path is exact
         return None, f"cannot inspect the tokenizer ({type(e).__name__}: {e})"
     return TiktokenRuns(added, n_ranks), ""

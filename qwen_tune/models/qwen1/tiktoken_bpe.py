@@ -113,23 +113,60 @@ class _QwenBPE:
         return vocab
 
     @functools.cached_property
+    def byte_level_vocab(self) -> dict[str, int]:
+        """Byte-level-unicode token string -> id, regular tokens only, in id order (HF BPE's ``model.vocab``)."""
+        return {_bytes_to_str(token): rank for token, rank in sorted(self.ranks.items(), key=lambda kv: kv[1])}
+
+    @functools.cached_property
+    def final_merges(self) -> dict[str, tuple[str, str]]:
+        """Multi-byte token -> the last pair tiktoken's BPE merges when it encodes that token's bytes alone (without
+        its whole-piece shortcut); a token BPE cannot build from its bytes is absent (qwen.tiktoken has none).
+
+        Whenever tiktoken forms a token over a span of a longer piece, no part crossed the span's edges before, so
+        the merges inside the span were chosen exactly as in isolation: this pair is the only one tiktoken ever
+        merges into that token. Byte-level strings concatenate as their bytes do, so this runs on them (~1.5 s).
+        """
+        vocab = self.byte_level_vocab
+        out: dict[str, tuple[str, str]] = {}
+        for token in vocab:
+            if len(token) < 2:
+                continue
+            parts = list(token)
+            while len(parts) > 1:
+                best, at = None, -1
+                for i in range(len(parts) - 1):
+                    r = vocab.get(parts[i] + parts[i + 1])
+                    if r is not None and (best is None or r < best):  # strict: leftmost on ties, as tiktoken
+                        best, at = r, i
+                if best is None:
+                    break
+                if len(parts) == 2:
+                    out[token] = (parts[0], parts[1])
+                parts[at:at + 2] = [parts[at] + parts[at + 1]]
+        return out
+
+    @functools.cached_property
     def vocab_and_merges(self) -> tuple[dict[str, int], list[tuple[str, str]]]:
         """HF byte-level BPE vocab (regular tokens only) and merges equivalent to tiktoken's rank-ordered merging.
 
-        tiktoken repeatedly merges the adjacent pair whose concatenation has the lowest rank. Listing, for every token,
-        each split into two vocabulary tokens, ordered by the rank of the merged token, gives HF BPE the same order.
+        tiktoken repeatedly merges the adjacent pair whose concatenation has the lowest rank, leftmost on ties.
+        Every split of every token into two vocabulary tokens is listed, ordered by the rank of the merged token,
+        and within one token its :attr:`final_merges` pair first: then at every step HF BPE picks the pair tiktoken
+        picks (the proof is in ``qwen_tune.data.fast_bpe``; the other splits are never the first choice). Listing
+        only the final pairs would do as well; the other splits are kept so that files exported earlier stay the same
+        size and shape.
         """
-        ranks = self.ranks
-        merges: list[tuple[int, int, int, bytes, bytes]] = []
-        for token, rank in ranks.items():
+        vocab, final = self.byte_level_vocab, self.final_merges
+        merges: list[tuple[int, bool, int, int, str, str]] = []
+        for token, rank in vocab.items():
+            first = final.get(token)
             for i in range(1, len(token)):
                 left, right = token[:i], token[i:]
-                left_rank, right_rank = ranks.get(left), ranks.get(right)
+                left_rank, right_rank = vocab.get(left), vocab.get(right)
                 if left_rank is not None and right_rank is not None:
-                    merges.append((rank, left_rank, right_rank, left, right))
+                    merges.append((rank, (left, right) != first, left_rank, right_rank, left, right))
         merges.sort()
-        vocab = {_bytes_to_str(token): rank for token, rank in sorted(ranks.items(), key=lambda kv: kv[1])}
-        return vocab, [(_bytes_to_str(left), _bytes_to_str(right)) for _, _, _, left, right in merges]
+        return vocab, [(left, right) for *_, left, right in merges]
 
 
 _PARSED: dict[str, _QwenBPE] = {}  # sha256 of a vocabulary file -> its parse (shared, read-only)
