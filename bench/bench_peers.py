@@ -29,7 +29,7 @@ Measured per run, by a watcher in this (small) process:
     progress line;
   * CPU time of the whole process tree (user + system, os.wait4's rusage), and real tokens per CPU-second over the
     whole run (setup included): a shared machine slows wall time more than CPU time;
-  * peak RSS: the largest sum of VmRSS over the process tree, polled every 50 ms from /proc, and ru_maxrss (the
+  * peak RSS: the largest sum of VmRSS over the process tree, polled every 100 ms from /proc, and ru_maxrss (the
     largest single process) from os.wait4 as a cross-check;
   * the machine's load average before and after each run.
 """
@@ -63,8 +63,9 @@ MAX_LEN = 2048
 # A step's end: its per-step log line. HF Trainer prints a dict with 'loss' every logging step (qwen-tune,
 # LLaMA-Factory, axolotl); torchtune's StdoutLogger prints "Step N | loss:...".
 STEP_RE = {"hf": re.compile(r"""['"]loss['"]\s*:"""), "torchtune": re.compile(r"^Step \d+ \| loss:")}
-# The train loop's start: the first progress-bar line (tqdm "0/N" or "1/N").
-LOOP_RE = re.compile(r"\s0?\s*\|?\s*[01]/\d+ \[")
+# The train loop's start, where the log shows it: HF Trainer's banner (LLaMA-Factory, axolotl; qwen-tune's log
+# level hides it), torchtune's first tqdm bar.
+LOOP_RE = re.compile(r"\*\*\*\*\* Running training \*\*\*\*\*|^\s*0%\|")
 
 
 # --------------------------------------------------------------------------- configs
@@ -216,6 +217,45 @@ def tree_rss_kib(root: int) -> int:
     return total
 
 
+def parse_lines(lines: list[tuple[float, str]], step_kind: str) -> tuple[list[float], float | None]:
+    """(step end times, train loop start or None) from timestamped output lines."""
+    step_re = STEP_RE[step_kind]
+    steps = [t for t, s in lines if step_re.search(s) and "train_loss" not in s]
+    loop = next((t for t, s in lines if LOOP_RE.search(s)), None)
+    return steps, loop
+
+
+def read_log(path: Path) -> list[tuple[float, str]]:
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        m = re.match(r"\[\s*([\d.]+)\] (.*)", line)
+        if m:
+            out.append((float(m.group(1)), m.group(2)))
+    return out
+
+
+def derive(r: dict[str, Any], real_tokens: int) -> dict[str, Any]:
+    """The rates, from the step times of a run (re-derivable from its stored log)."""
+    for k in ("window_s", "real_tok_per_s", "loop_tok_per_s", "real_tok_per_cpu_s", "timing", "error"):
+        r.pop(k, None)
+    steps = r["step_end_times_s"]
+    n = r["steps"] = len(steps)
+    total = r["real_tokens_trained"] = real_tokens * r["epochs"]
+    if r["rc"] == 0 and n >= 2:
+        window = steps[-1] - steps[0]
+        r["window_s"] = round(window, 3)
+        r["real_tok_per_s"] = round(total * (n - 1) / n / window, 1)
+        if r["loop_start_s"] is not None and steps[-1] > r["loop_start_s"]:
+            r["loop_tok_per_s"] = round(total / (steps[-1] - r["loop_start_s"]), 1)
+        r["real_tok_per_cpu_s"] = round(total / r["cpu_s"], 1)
+        r["timing"] = "per-step log lines: end of step 1 -> end of the last step"
+    elif r["rc"] == 0:
+        r["error"] = f"ran, but {n} step log lines were found (need 2+): the step pattern does not match its log"
+    else:
+        r["error"] = f"exit code {r['rc']}; last lines: " + " | ".join(r["log_tail"][-6:])
+    return r
+
+
 def watch(cmd: list[str], env: dict, log_path: Path, step_kind: str, cwd: Path) -> dict[str, Any]:
     """Run cmd; timestamp every output line, poll the tree's RSS, collect its rusage."""
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
@@ -254,7 +294,7 @@ def watch(cmd: list[str], env: dict, log_path: Path, step_kind: str, cwd: Path) 
     def poll() -> None:
         while not done.is_set():
             peak[0] = max(peak[0], tree_rss_kib(p.pid))
-            done.wait(0.05)
+            done.wait(0.1)
 
     reader = threading.Thread(target=read, daemon=True)
     poller = threading.Thread(target=poll, daemon=True)
@@ -266,9 +306,7 @@ def watch(cmd: list[str], env: dict, log_path: Path, step_kind: str, cwd: Path) 
     reader.join(10)
     poller.join(5)
     p.returncode = os.waitstatus_to_exitcode(status)
-    step_re = STEP_RE[step_kind]
-    steps = [t for t, s in lines if step_re.search(s) and "train_loss" not in s]
-    loop = next((t for t, s in lines if LOOP_RE.search(s)), None)
+    steps, loop = parse_lines(lines, step_kind)
     return {"rc": p.returncode, "wall_s": round(wall, 2), "cpu_s": round(ru.ru_utime + ru.ru_stime, 2),
             "user_s": round(ru.ru_utime, 2), "sys_s": round(ru.ru_stime, 2),
             "ru_maxrss_gib": round(ru.ru_maxrss / 2**20, 3), "peak_tree_rss_gib": round(peak[0] / 2**20, 3),
@@ -285,29 +323,13 @@ def run_tool(tool: str, epochs: int, batch: int, real_tokens: int) -> dict[str, 
     cmd, env, kind = COMMANDS[tool](run, epochs, batch)
     print(f"[{tool}] {' '.join(cmd)}", flush=True)
     r = watch(cmd, env, run / "train.log", kind, run)
-    r.update(tool=tool, command=cmd, epochs=epochs)
+    r.update(tool=tool, command=cmd, epochs=epochs, step_kind=kind)
     if tool == "qwen-tune":
         r["qwen_tune_batch_size"] = batch
         summ = run / "out" / "train_summary.json"
         if summ.exists():
             r["own_summary"] = json.loads(summ.read_text())
-    steps = r["step_end_times_s"]
-    n = len(steps)
-    r["steps"] = n
-    total = real_tokens * epochs
-    r["real_tokens_trained"] = total
-    if r["rc"] == 0 and n >= 2:
-        window = steps[-1] - steps[0]
-        r["window_s"] = round(window, 3)
-        r["real_tok_per_s"] = round(total * (n - 1) / n / window, 1)
-        if r["loop_start_s"] is not None and steps[-1] > r["loop_start_s"]:
-            r["loop_tok_per_s"] = round(total / (steps[-1] - r["loop_start_s"]), 1)
-        r["real_tok_per_cpu_s"] = round(total / r["cpu_s"], 1)
-        r["timing"] = "per-step log lines: end of step 1 -> end of the last step"
-    elif r["rc"] == 0:
-        r["error"] = f"ran, but {n} step log lines were found (need 2+): the step pattern does not match its log"
-    else:
-        r["error"] = f"exit code {r['rc']}; last lines: " + " | ".join(r["log_tail"][-6:])
+    derive(r, real_tokens)
     status = install_status(tool) if tool in PEERS else None
     if status:
         r["versions"] = status.get("versions")
@@ -337,7 +359,11 @@ def report(inputs: dict[str, Any]) -> None:
     for tool in TOOLS:
         p = RUNS / f"{tool}.json"
         if p.exists():
-            runs[tool] = json.loads(p.read_text())
+            runs[tool] = r = json.loads(p.read_text())
+            if r.get("log") and Path(r["log"]).exists() and "epochs" in r:  # re-derive with the current parser
+                kind = r.get("step_kind", "torchtune" if tool == "torchtune" else "hf")
+                r["step_end_times_s"], r["loop_start_s"] = parse_lines(read_log(Path(r["log"])), kind)
+                derive(r, inputs["real_tokens"])
         elif tool in PEERS and (st := install_status(tool)) and not st.get("ok"):
             runs[tool] = {"tool": tool, "error": f"install failed at `{st.get('failed_step')}`",
                           "install_log_tail": st.get("log_tail")}
@@ -388,7 +414,7 @@ def report(inputs: dict[str, Any]) -> None:
         "(per-step log lines, timestamped as they arrive); tokens in the window = all real tokens x (steps-1)/steps.",
         "- **loop tok/s**: all real tokens over the train loop from its first progress line (warm-up step included).",
         "- **tok/CPU-s**: all real tokens per CPU-second of the whole process tree, setup included.",
-        "- **peak RSS tree**: largest sum of VmRSS over the process tree (polled every 50 ms); ru_maxrss: largest "
+        "- **peak RSS tree**: largest sum of VmRSS over the process tree (polled every 100 ms); ru_maxrss: largest "
         "single process.", "",
         verdict, "",
         *(["## Not measured", "", *failures, ""] if failures else []),
@@ -409,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-install", action="store_true", help="never install; a missing venv is reported")
     ap.add_argument("--reinstall", action="store_true", help="rebuild the venvs of --only")
     ap.add_argument("--report", action="store_true", help="only rebuild the results from stored runs")
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--qwen-batch", type=int, default=4,
                     help="qwen-tune's samples per packed row (the peers pack up to max_len: ~5 of these per row)")
     ap.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)
