@@ -202,19 +202,31 @@ def _children() -> dict[int, list[int]]:
     return kids
 
 
-def tree_rss_kib(root: int) -> int:
-    kids, total, todo = _children(), 0, [root]
+PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def tree_usage(root: int) -> tuple[int, float]:
+    """(RSS in KiB, CPU seconds incl. reaped children) summed over `root` and its live descendants."""
+    kids, rss, ticks, todo = _children(), 0, 0, [root]
     while todo:
         pid = todo.pop()
         todo += kids.get(pid, [])
         try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-                    break
+            f = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
         except OSError:
-            pass
-    return total
+            continue
+        ticks += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])  # utime stime cutime cstime
+        rss += int(f[21]) * PAGE_KIB
+    return rss, ticks / CLK_TCK
+
+
+def cpu_at(samples: list[tuple[float, float]], t: float) -> float | None:
+    """The tree's CPU seconds at wall time t, interpolated between the watcher's samples."""
+    for (t0, c0), (t1, c1) in zip(samples, samples[1:]):
+        if t0 <= t <= t1:
+            return c0 + (c1 - c0) * ((t - t0) / (t1 - t0) if t1 > t0 else 0.0)
+    return None
 
 
 def parse_lines(lines: list[tuple[float, str]], step_kind: str) -> tuple[list[float], float | None]:
@@ -236,7 +248,8 @@ def read_log(path: Path) -> list[tuple[float, str]]:
 
 def derive(r: dict[str, Any], real_tokens: int) -> dict[str, Any]:
     """The rates, from the step times of a run (re-derivable from its stored log)."""
-    for k in ("window_s", "real_tok_per_s", "loop_tok_per_s", "real_tok_per_cpu_s", "timing", "error"):
+    for k in ("window_s", "real_tok_per_s", "loop_tok_per_s", "real_tok_per_cpu_s", "timing", "error",
+              "window_cpu_s", "window_tok_per_cpu_s", "window_cpu_share"):
         r.pop(k, None)
     steps = r["step_end_times_s"]
     n = r["steps"] = len(steps)
@@ -248,6 +261,11 @@ def derive(r: dict[str, Any], real_tokens: int) -> dict[str, Any]:
         if r["loop_start_s"] is not None and steps[-1] > r["loop_start_s"]:
             r["loop_tok_per_s"] = round(total / (steps[-1] - r["loop_start_s"]), 1)
         r["real_tok_per_cpu_s"] = round(total / r["cpu_s"], 1)
+        c0, c1 = (cpu_at(r.get("cpu_samples") or [], t) for t in (steps[0], steps[-1]))
+        if c0 is not None and c1 is not None and c1 > c0:
+            r["window_cpu_s"] = round(c1 - c0, 2)
+            r["window_tok_per_cpu_s"] = round(total * (n - 1) / n / (c1 - c0), 1)
+            r["window_cpu_share"] = round((c1 - c0) / window, 2)  # CPUs it got: 2.0 = both cores
         r["timing"] = "per-step log lines: end of step 1 -> end of the last step"
     elif r["rc"] == 0:
         r["error"] = f"ran, but {n} step log lines were found (need 2+): the step pattern does not match its log"
@@ -291,9 +309,14 @@ def watch(cmd: list[str], env: dict, log_path: Path, step_kind: str, cwd: Path) 
                 lines.append((time.perf_counter() - t0, s))
                 log.write(f"[{time.perf_counter() - t0:9.3f}] {s}\n")
 
+    samples: list[tuple[float, float]] = []
+
     def poll() -> None:
         while not done.is_set():
-            peak[0] = max(peak[0], tree_rss_kib(p.pid))
+            rss, cpu = tree_usage(p.pid)
+            if rss:
+                peak[0] = max(peak[0], rss)
+                samples.append((round(time.perf_counter() - t0, 3), round(cpu, 2)))
             done.wait(0.1)
 
     reader = threading.Thread(target=read, daemon=True)
@@ -312,18 +335,22 @@ def watch(cmd: list[str], env: dict, log_path: Path, step_kind: str, cwd: Path) 
             "ru_maxrss_gib": round(ru.ru_maxrss / 2**20, 3), "peak_tree_rss_gib": round(peak[0] / 2**20, 3),
             "step_end_times_s": [round(t, 3) for t in steps], "loop_start_s": loop,
             "load_before": [round(x, 2) for x in load0], "load_after": [round(x, 2) for x in os.getloadavg()],
-            "log": str(log_path), "log_tail": [s for _, s in lines[-15:]]}
+            "log": str(log_path), "log_tail": [s for _, s in lines[-15:]], "cpu_samples": samples}
 
 
-def run_tool(tool: str, epochs: int, batch: int, real_tokens: int) -> dict[str, Any]:
-    run = RUNS / tool
+def run_tool(tool: str, epochs: int, batch: int, real_tokens: int, variant: str = "",
+             overrides: list[str] = (), extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+    name = f"{tool}+{variant}" if variant else tool
+    run = RUNS / name
     if run.exists():
         shutil.rmtree(run)
     run.mkdir(parents=True)
     cmd, env, kind = COMMANDS[tool](run, epochs, batch)
+    cmd = cmd + list(overrides)  # qwen-tune: key=value recipe overrides
+    env = dict(env, **(extra_env or {}))
     print(f"[{tool}] {' '.join(cmd)}", flush=True)
     r = watch(cmd, env, run / "train.log", kind, run)
-    r.update(tool=tool, command=cmd, epochs=epochs, step_kind=kind)
+    r.update(tool=tool, command=cmd, epochs=epochs, step_kind=kind, variant=variant, extra_env=extra_env or {})
     if tool == "qwen-tune":
         r["qwen_tune_batch_size"] = batch
         summ = run / "out" / "train_summary.json"
@@ -335,7 +362,7 @@ def run_tool(tool: str, epochs: int, batch: int, real_tokens: int) -> dict[str, 
         r["versions"] = status.get("versions")
     else:
         r["versions"] = _own_versions()
-    (RUNS / f"{tool}.json").write_text(json.dumps(r, indent=1))
+    (RUNS / f"{name}.json").write_text(json.dumps(r, indent=1))
     return r
 
 
@@ -370,6 +397,7 @@ def report(inputs: dict[str, Any]) -> None:
     ok = {t: r for t, r in runs.items() if "real_tok_per_s" in r}
     peers_ok = {t: r for t, r in ok.items() if t != "qwen-tune"}
     best = max(peers_ok, key=lambda t: peers_ok[t]["real_tok_per_s"]) if peers_ok else None
+    best_cpu = max(peers_ok, key=lambda t: peers_ok[t].get("window_tok_per_cpu_s", 0)) if peers_ok else None
     leanest = min(peers_ok, key=lambda t: peers_ok[t]["peak_tree_rss_gib"]) if peers_ok else None
     rows = []
     for tool in TOOLS:
@@ -377,25 +405,42 @@ def report(inputs: dict[str, Any]) -> None:
         if r is None:
             continue
         if "real_tok_per_s" not in r:
-            rows.append([LABELS[tool], "failed", "", "", "", "", "", "", ""])
+            rows.append([LABELS[tool], "failed"] + [""] * 9)
             continue
-        speed = r["real_tok_per_s"] / ok[best]["real_tok_per_s"] if best else None
-        mem = r["peak_tree_rss_gib"] / ok[leanest]["peak_tree_rss_gib"] if leanest else None
-        r["speed_vs_best_peer"] = round(speed, 2) if speed else None
-        r["memory_vs_leanest_peer"] = round(mem, 2) if mem else None
-        rows.append([LABELS[tool], r["real_tok_per_s"], r.get("loop_tok_per_s", ""), r["real_tok_per_cpu_s"],
+        r["speed_vs_best_peer"] = round(r["real_tok_per_s"] / ok[best]["real_tok_per_s"], 2)
+        if r.get("window_tok_per_cpu_s") and ok[best_cpu].get("window_tok_per_cpu_s"):
+            r["cpu_speed_vs_best_peer"] = round(r["window_tok_per_cpu_s"] / ok[best_cpu]["window_tok_per_cpu_s"], 2)
+        r["memory_vs_leanest_peer"] = round(r["peak_tree_rss_gib"] / ok[leanest]["peak_tree_rss_gib"], 2)
+        rows.append([LABELS[tool], r["real_tok_per_s"], r.get("window_tok_per_cpu_s", ""),
+                     r.get("window_cpu_share", ""), r.get("loop_tok_per_s", ""), r["real_tok_per_cpu_s"],
                      r["peak_tree_rss_gib"], r["ru_maxrss_gib"], r["steps"], r["wall_s"],
-                     f"{speed:.2f}x / {mem:.2f}x" if best else ""])
-    headers = ["toolkit", "real tok/s", "loop tok/s", "tok/CPU-s", "peak RSS tree GiB", "ru_maxrss GiB", "steps",
-               "process wall s", "vs best peer speed / vs leanest peer memory"]
+                     f"{r['speed_vs_best_peer']:.2f}x / {r.get('cpu_speed_vs_best_peer', float('nan')):.2f}x / "
+                     f"{r['memory_vs_leanest_peer']:.2f}x"])
+    headers = ["toolkit", "real tok/s", "tok/CPU-s (window)", "CPUs used", "loop tok/s", "tok/CPU-s (whole run)",
+               "peak RSS tree GiB", "ru_maxrss GiB", "steps", "process wall s",
+               "vs best peer: speed / CPU efficiency / memory vs leanest"]
     text, md = table(headers, rows)
     print(text)
+    variants = {p.stem: json.loads(p.read_text()) for p in sorted(RUNS.glob("qwen-tune+*.json"))}
+    vrows = []
+    for name, r in variants.items():
+        if r.get("log") and Path(r["log"]).exists():
+            r["step_end_times_s"], r["loop_start_s"] = parse_lines(read_log(Path(r["log"])), "hf")
+        derive(r, inputs["real_tokens"])
+        if "real_tok_per_s" in r:
+            knobs = " ".join([*(c for c in r["command"] if "=" in c and not c.startswith("/")),
+                              *(f"{k}={v}" for k, v in r.get("extra_env", {}).items())])
+            vrows.append([name, knobs, r["real_tok_per_s"], r["real_tok_per_cpu_s"], r["peak_tree_rss_gib"],
+                          r["steps"]])
+    vmd = table(["run", "settings", "real tok/s", "tok/CPU-s", "peak RSS tree GiB", "steps"], vrows)[1] if vrows else ""
     verdict = ""
     if "qwen-tune" in ok and best:
         q = ok["qwen-tune"]
-        verdict = (f"qwen-tune: {q['speed_vs_best_peer']:.2f}x the best peer's real tokens/s ({LABELS[best]}; target "
-                   f">= {TARGETS['speed_vs_best_peer']}x) at {q['memory_vs_leanest_peer']:.2f}x the leanest peer's "
-                   f"peak RSS ({LABELS[leanest]}; target <= {TARGETS['memory_vs_leanest_peer']}x).")
+        verdict = (f"qwen-tune: {q['speed_vs_best_peer']:.2f}x the best peer's real tokens/s ({LABELS[best]}), "
+                   f"{q.get('cpu_speed_vs_best_peer', float('nan')):.2f}x the best peer's tokens per CPU-second in the "
+                   f"window ({LABELS[best_cpu]}); target >= {TARGETS['speed_vs_best_peer']}x. Peak RSS "
+                   f"{q['memory_vs_leanest_peer']:.2f}x the leanest peer's ({LABELS[leanest]}); target <= "
+                   f"{TARGETS['memory_vs_leanest_peer']}x.")
         print(verdict)
     loads = {t: (r.get("load_before"), r.get("load_after")) for t, r in runs.items()}
     failures = [f"- **{LABELS[t]}**: {r['error']}" for t, r in runs.items() if "real_tok_per_s" not in r]
@@ -412,16 +457,21 @@ def report(inputs: dict[str, Any]) -> None:
         md, "",
         "- **real tok/s**: real (non-pad) tokens over the window from the end of step 1 to the end of the last step "
         "(per-step log lines, timestamped as they arrive); tokens in the window = all real tokens x (steps-1)/steps.",
+        "- **tok/CPU-s (window)**: the same window's real tokens per CPU-second of the process tree (sampled from "
+        "/proc every 100 ms); **CPUs used**: window CPU-seconds / window wall seconds (2.0 = both cores). On a shared "
+        "machine this is the steadier speed figure: wall tok/s scales with the CPU share each run happened to get.",
         "- **loop tok/s**: all real tokens over the train loop from its first progress line (warm-up step included).",
         "- **tok/CPU-s**: all real tokens per CPU-second of the whole process tree, setup included.",
         "- **peak RSS tree**: largest sum of VmRSS over the process tree (polled every 100 ms); ru_maxrss: largest "
         "single process.", "",
         verdict, "",
         *(["## Not measured", "", *failures, ""] if failures else []),
+        *(["## qwen-tune variants (same data and settings, one knob changed)", "", vmd, ""] if vmd else []),
         "## Versions", "", *versions,
     ])
     payload = {"inputs": {k: v for k, v in inputs.items() if k != "ids"}, "targets": TARGETS, "best_peer": best,
-               "leanest_peer": leanest, "runs": runs, "cpu": cpu_model(), "cores": os.cpu_count()}
+               "best_peer_cpu": best_cpu,
+               "leanest_peer": leanest, "runs": runs, "qwen_tune_variants": variants, "cpu": cpu_model(), "cores": os.cpu_count()}
     j, m = write_results("peers", payload, mdtext)
     print(f"wrote {j} and {m}")
 
@@ -438,6 +488,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--qwen-batch", type=int, default=4,
                     help="qwen-tune's samples per packed row (the peers pack up to max_len: ~5 of these per row)")
+    ap.add_argument("--variant", default="", help="qwen-tune only: store the run as qwen-tune+NAME (a side table)")
+    ap.add_argument("--qwen-override", nargs="*", default=[], help="qwen-tune recipe overrides, key=value")
+    ap.add_argument("--qwen-env", nargs="*", default=[], help="qwen-tune environment, NAME=value")
     ap.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -466,7 +519,11 @@ def main(argv: list[str] | None = None) -> int:
                         {"tool": tool, "error": why, "install_log_tail": (st or {}).get("log_tail")}, indent=1))
                     print(f"[{tool}] skipped: {why}", flush=True)
                     continue
-            r = run_tool(tool, args.epochs, args.qwen_batch, inputs["real_tokens"])
+            if args.variant and tool == "qwen-tune":
+                r = run_tool(tool, args.epochs, args.qwen_batch, inputs["real_tokens"], args.variant, args.qwen_override,
+                             dict(kv.split("=", 1) for kv in args.qwen_env))
+            else:
+                r = run_tool(tool, args.epochs, args.qwen_batch, inputs["real_tokens"])
             print(f"[{tool}] rc {r['rc']}, {r.get('real_tok_per_s')} real tok/s, peak tree RSS "
                   f"{r['peak_tree_rss_gib']} GiB, {r['steps']} steps, {r['cpu_s']} CPU-s", flush=True)
     report(inputs)
