@@ -62,7 +62,7 @@ MAX_LEN = 2048
 
 # A step's end: its per-step log line. HF Trainer prints a dict with 'loss' every logging step (qwen-tune,
 # LLaMA-Factory, axolotl); torchtune's StdoutLogger prints "Step N | loss:...".
-STEP_RE = {"hf": re.compile(r"""['"]loss['"]\s*:"""), "torchtune": re.compile(r"^Step \d+ \| loss:")}
+STEP_RE = {"hf": re.compile(r"""['"]loss['"]\s*:"""), "torchtune": re.compile(r"Step \d+ \| loss:")}
 # The train loop's start, where the log shows it: HF Trainer's banner (LLaMA-Factory, axolotl; qwen-tune's log
 # level hides it), torchtune's first tqdm bar.
 LOOP_RE = re.compile(r"\*\*\*\*\* Running training \*\*\*\*\*|^\s*0%\|")
