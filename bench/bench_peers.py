@@ -175,10 +175,12 @@ def axolotl_cmd(run: Path, epochs: int, batch: int) -> tuple[list[str], dict, st
         "lr_scheduler": "constant", "learning_rate": LR, "warmup_steps": 0, "weight_decay": 0.0,
         "bf16": False, "fp16": False, "tf32": False, "gradient_checkpointing": False, "flash_attention": False,
         "sdp_attention": True, "logging_steps": 1, "save_strategy": "no", "seed": 0, "dataset_processes": 1,
+        # workers forked from a process whose telemetry thread holds a lock deadlocked here; in-process loading.
+        "dataloader_num_workers": 0, "dataloader_pin_memory": False,
     }
     path = run / "axolotl.yaml"
     path.write_text(_yaml(cfg))
-    return [str(VENVS / "axolotl" / "bin" / "axolotl"), "train", str(path)], {"CUDA_VISIBLE_DEVICES": ""}, "hf"
+    return [str(VENVS / "axolotl" / "bin" / "axolotl"), "train", str(path)], {"CUDA_VISIBLE_DEVICES": "", "AXOLOTL_DO_NOT_TRACK": "1", "DO_NOT_TRACK": "1"}, "hf"  # no telemetry retries
 
 
 COMMANDS = {"qwen-tune": qwen_tune_cmd, "llamafactory": llamafactory_cmd, "torchtune": torchtune_cmd,
