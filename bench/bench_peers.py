@@ -177,6 +177,8 @@ def axolotl_cmd(run: Path, epochs: int, batch: int) -> tuple[list[str], dict, st
         "sdp_attention": True, "logging_steps": 1, "save_strategy": "no", "seed": 0, "dataset_processes": 1,
         # workers forked from a process whose telemetry thread holds a lock deadlocked here; in-process loading.
         "dataloader_num_workers": 0, "dataloader_pin_memory": False,
+        # its fused LoRA kernels are Triton/CUDA only (on by default for LoRA: they allocate on "cuda").
+        "lora_mlp_kernel": False, "lora_qkv_kernel": False, "lora_o_kernel": False,
     }
     path = run / "axolotl.yaml"
     path.write_text(_yaml(cfg))
