@@ -251,9 +251,10 @@ def read_log(path: Path) -> list[tuple[float, str]]:
 
 
 def first_step_tokens(log: Path) -> int | None:
-    """qwen-tune logs num_input_tokens_seen every step; its packed rows have no padding, so these are real tokens."""
+    """Real tokens of step 1, where the log counts them (qwen-tune, axolotl); None elsewhere."""
     for _, line in read_log(log):
-        m = re.search(r"""['"]num_input_tokens_seen['"]\s*:\s*'?(\d+)""", line)
+        # qwen-tune: num_input_tokens_seen (packed rows carry no padding); axolotl: tokens/total (non-pad count).
+        m = re.search(r"""['"](?:num_input_tokens_seen|tokens/total)['"]\s*:\s*'?(\d+)""", line)
         if m and STEP_RE["hf"].search(line):
             return int(m.group(1))
     return None
@@ -274,7 +275,7 @@ def derive(r: dict[str, Any], real_tokens: int) -> dict[str, Any]:
         in_window = total - first if first else total * (n - 1) / n
         r["window_real_tokens"] = round(in_window)
         r["real_tok_per_s"] = round(in_window / window, 1)
-        if r["loop_start_s"] is not None and steps[-1] > r["loop_start_s"]:
+        if r["loop_start_s"] is not None and r["loop_start_s"] < steps[0] - 1:  # else the banner came with step 1
             r["loop_tok_per_s"] = round(total / (steps[-1] - r["loop_start_s"]), 1)
         r["real_tok_per_cpu_s"] = round(total / r["cpu_s"], 1)
         c0, c1 = (cpu_at(r.get("cpu_samples") or [], t) for t in (steps[0], steps[-1]))
@@ -283,7 +284,7 @@ def derive(r: dict[str, Any], real_tokens: int) -> dict[str, Any]:
             r["window_tok_per_cpu_s"] = round(in_window / (c1 - c0), 1)
             r["window_cpu_share"] = round((c1 - c0) / window, 2)  # CPUs it got: 2.0 = both cores
         r["timing"] = ("per-step log lines: end of step 1 -> end of the last step; tokens in the window: "
-                       + ("exact (the log's num_input_tokens_seen after step 1; no padding)" if first else
+                       + ("exact (the log's own count of step 1's real tokens)" if first else
                           "all real tokens x (steps - 1) / steps"))
     elif r["rc"] == 0:
         r["error"] = f"ran, but {n} step log lines were found (need 2+): the step pattern does not match its log"
@@ -377,7 +378,7 @@ def run_tool(tool: str, epochs: int, batch: int, real_tokens: int, variant: str 
         summ = run / "out" / "train_summary.json"
         if summ.exists():
             r["own_summary"] = json.loads(summ.read_text())
-    r["first_step_real_tokens"] = first_step_tokens(run / "train.log") if tool == "qwen-tune" else None
+    r["first_step_real_tokens"] = first_step_tokens(run / "train.log")
     derive(r, real_tokens)
     status = install_status(tool) if tool in PEERS else None
     if status:
@@ -411,7 +412,7 @@ def report(inputs: dict[str, Any]) -> None:
             runs[tool] = r = json.loads(p.read_text())
             if r.get("log") and Path(r["log"]).exists() and "epochs" in r:  # re-derive with the current parser
                 kind = r.get("step_kind", "torchtune" if tool == "torchtune" else "hf")
-                r["first_step_real_tokens"] = first_step_tokens(Path(r["log"])) if tool == "qwen-tune" else None
+                r["first_step_real_tokens"] = first_step_tokens(Path(r["log"]))
                 r["step_end_times_s"], r["loop_start_s"] = parse_lines(read_log(Path(r["log"])), kind)
                 derive(r, inputs["real_tokens"])
         elif tool in PEERS and (st := install_status(tool)) and not st.get("ok"):
@@ -480,8 +481,9 @@ def report(inputs: dict[str, Any]) -> None:
         "each toolkit's own CLI in its own process.", "",
         md, "",
         "- **real tok/s**: real (non-pad) tokens over the window from the end of step 1 to the end of the last step "
-        "(per-step log lines, timestamped as they arrive); tokens in the window: qwen-tune's exact count (it logs "
-        "num_input_tokens_seen, with no padding), for the peers all real tokens x (steps-1)/steps.",
+        "(per-step log lines, timestamped as they arrive); tokens in the window: exact where the log counts step 1's "
+        "real tokens (qwen-tune's num_input_tokens_seen with no padding, axolotl's tokens/total), else (LLaMA-Factory, "
+        "torchtune) all real tokens x (steps-1)/steps.",
         "- **tok/CPU-s (window)**: the same window's real tokens per CPU-second of the process tree (sampled from "
         "/proc every 100 ms); **CPUs used**: window CPU-seconds / window wall seconds (2.0 = both cores). On a shared "
         "machine this is the steadier speed figure: wall tok/s scales with the CPU share each run happened to get.",
