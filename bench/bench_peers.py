@@ -487,6 +487,9 @@ def report(inputs: dict[str, Any]) -> None:
         "- **tok/CPU-s (window)**: the same window's real tokens per CPU-second of the process tree (sampled from "
         "/proc every 100 ms); **CPUs used**: window CPU-seconds / window wall seconds (2.0 = both cores). On a shared "
         "machine this is the steadier speed figure: wall tok/s scales with the CPU share each run happened to get.",
+        "- **threads**: torch's default of one per core (2) everywhere except axolotl, whose `axolotl train` re-launches "
+        "itself through `accelerate launch`, which sets OMP_NUM_THREADS=1 on a CPU-only machine; on this oversubscribed "
+        "box one thread is the faster setting (no waiting at the two threads' barriers), see the qwen-tune variants.",
         "- **loop tok/s**: all real tokens over the train loop from its first progress line (warm-up step included).",
         "- **tok/CPU-s**: all real tokens per CPU-second of the whole process tree, setup included.",
         "- **peak RSS tree**: largest sum of VmRSS over the process tree (polled every 100 ms); ru_maxrss: largest "
