@@ -54,6 +54,7 @@ from peers_install import PEERS, VENVS, install, install_status, venv_python  # 
 
 WORK = CACHE / "peers"
 RUNS = WORK / "runs"
+THREADS = 0  # OMP_NUM_THREADS forced on every toolkit (0: each one's default)
 TOOLS = ["qwen-tune", *PEERS]
 LABELS = {"qwen-tune": "qwen-tune", "llamafactory": "LLaMA-Factory", "torchtune": "torchtune", "axolotl": "axolotl"}
 TARGETS = {"speed_vs_best_peer": 3.0, "memory_vs_leanest_peer": 0.5}
@@ -368,6 +369,8 @@ def run_tool(tool: str, epochs: int, batch: int, real_tokens: int, variant: str 
     if tool in PEERS:  # its venv first on PATH: axolotl re-launches itself through `accelerate launch` -> python
         env = dict(env, PATH=f"{VENVS / tool / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
                    VIRTUAL_ENV=str(VENVS / tool))
+    if THREADS:
+        env = dict(env, OMP_NUM_THREADS=str(THREADS))
     cmd = cmd + list(overrides)  # qwen-tune: key=value recipe overrides
     env = dict(env, **(extra_env or {}))
     print(f"[{tool}] {' '.join(cmd)}", flush=True)
@@ -487,6 +490,7 @@ def report(inputs: dict[str, Any]) -> None:
         "- **tok/CPU-s (window)**: the same window's real tokens per CPU-second of the process tree (sampled from "
         "/proc every 100 ms); **CPUs used**: window CPU-seconds / window wall seconds (2.0 = both cores). On a shared "
         "machine this is the steadier speed figure: wall tok/s scales with the CPU share each run happened to get.",
+        *([f"- **OMP_NUM_THREADS={THREADS} forced on every toolkit in this table.**"] if THREADS else []),
         "- **threads**: torch's default of one per core (2) everywhere except axolotl, whose `axolotl train` re-launches "
         "itself through `accelerate launch`, which sets OMP_NUM_THREADS=1 on a CPU-only machine; on this oversubscribed "
         "box one thread is the faster setting (no waiting at the two threads' barriers), see the qwen-tune variants.",
@@ -502,7 +506,8 @@ def report(inputs: dict[str, Any]) -> None:
     payload = {"inputs": {k: v for k, v in inputs.items() if k != "ids"}, "targets": TARGETS, "best_peer": best,
                "best_peer_cpu": best_cpu,
                "leanest_peer": leanest, "runs": runs, "qwen_tune_variants": variants, "cpu": cpu_model(), "cores": os.cpu_count()}
-    j, m = write_results("peers", payload, mdtext)
+    payload["omp_num_threads_forced"] = THREADS or None
+    j, m = write_results(f"peers_{THREADS}thread" if THREADS else "peers", payload, mdtext)
     print(f"wrote {j} and {m}")
 
 
@@ -521,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variant", default="", help="qwen-tune only: store the run as qwen-tune+NAME (a side table)")
     ap.add_argument("--qwen-override", nargs="*", default=[], help="qwen-tune recipe overrides, key=value")
     ap.add_argument("--qwen-env", nargs="*", default=[], help="qwen-tune environment, NAME=value")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="OMP_NUM_THREADS for every toolkit (0 = each one's default); runs and results kept apart")
     ap.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -529,6 +536,9 @@ def main(argv: list[str] | None = None) -> int:
 
         prepare(WORK)
         return 0
+    global RUNS, THREADS
+    if args.threads:
+        RUNS, THREADS = WORK / f"runs_{args.threads}thread", args.threads
     inputs_path = WORK / "inputs.json"
     if not inputs_path.exists():
         subprocess.run([sys.executable, __file__, "--prepare-only"], check=True,
