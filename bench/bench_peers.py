@@ -503,6 +503,11 @@ def report(inputs: dict[str, Any]) -> None:
         *(["## qwen-tune variants (same data and settings, one knob changed)", "", vmd, ""] if vmd else []),
         "## Versions", "", *versions,
     ])
+    def slim(r: dict) -> dict:  # the 100 ms CPU samples stay in the run's own file
+        return {k: v for k, v in r.items() if k != "cpu_samples"}
+
+    runs = {t: slim(r) for t, r in runs.items()}
+    variants = {t: slim(r) for t, r in variants.items()}
     payload = {"inputs": {k: v for k, v in inputs.items() if k != "ids"}, "targets": TARGETS, "best_peer": best,
                "best_peer_cpu": best_cpu,
                "leanest_peer": leanest, "runs": runs, "qwen_tune_variants": variants, "cpu": cpu_model(), "cores": os.cpu_count()}
