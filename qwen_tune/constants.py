@@ -21,8 +21,9 @@ IM_START_ID = 151644
 IM_END_ID = 151645
 
 #: Rows of logits the chunked loss materializes at once (the recipe default `training.loss_chunk_size`):
-#: 1024 x 151,936 x 4 B = 0.6 GB of fp32 logits.
-DEFAULT_LOSS_CHUNK_SIZE = 1024
+#: 256 x 151,936 x 4 B = 0.15 GB of fp32 logits. 256 rows keep the head GEMM as efficient as 1024 did
+#: (bench/results/peers_1thread.md: 312 vs 305 real tok/s) at a 0.44 GB lower peak.
+DEFAULT_LOSS_CHUNK_SIZE = 256
 
 # Dtypes by the short names recipes and the CLI use.
 DTYPE_NAMES: dict[str, str] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # config.json spelling
