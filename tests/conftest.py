@@ -24,6 +24,20 @@ def tokenizer():
     return load_tokenizer(None)
 
 
+@pytest.fixture(scope="session")
+def family_tok(family_dirs):
+    """Each fixture family's tokenizer, loaded once (``family_tok("qwen3")``)."""
+    from transformers import AutoTokenizer
+
+    cache: dict[str, object] = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = AutoTokenizer.from_pretrained(family_dirs[family])
+        return cache[family]
+    return get
+
+
 def run_cli(*args: str) -> int:
     from qwen_tune.cli.main import main
 

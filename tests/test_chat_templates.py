@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transformers import AutoTokenizer
 
 from conftest import EXAMPLES, FAMILY_VOCAB, run_cli
 from qwen_tune.config import ConfigError, DataConfig, DatasetSpec
@@ -64,17 +63,6 @@ CONVERSATIONS = {
     "inline_think": conv([("user", "Why is the sky blue?"),
                           ("assistant", "<think>\nRayleigh scattering.\n</think>\n\nShort light scatters more.")]),
 }
-
-
-@pytest.fixture(scope="module")
-def family_tok(family_dirs):
-    cache: dict[str, object] = {}
-
-    def get(family: str):
-        if family not in cache:
-            cache[family] = AutoTokenizer.from_pretrained(family_dirs[family])
-        return cache[family]
-    return get
 
 
 def reference_ids(tok, c: Conversation, family: str) -> list[int]:

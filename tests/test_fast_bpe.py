@@ -22,17 +22,6 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "description"
                                                            "properties": {"city": {"type": "string"}}}}}
 
 
-@pytest.fixture(scope="module")
-def family_tok(family_dirs):
-    cache: dict[str, object] = {}
-
-    def get(family: str):
-        if family not in cache:
-            cache[family] = AutoTokenizer.from_pretrained(family_dirs[family])
-        return cache[family]
-    return get
-
-
 _ENCODERS: dict[str, tuple[TemplateEncoder, TemplateEncoder]] = {}
 
 
