@@ -169,15 +169,10 @@ class QWenTextTokenizer:
 
     def encode_ordinary(self, texts: Sequence[str]) -> list[list[int]]:
         """As :meth:`QWenTokenizer.encode_ordinary`: NFC, special-token strings as text."""
-        encode = self._bpe.encoding.encode_ordinary
-        return [encode(_nfc(text)) for text in texts]
+        return self._bpe.encode_ordinary(texts)
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        ids = [int(i) for i in token_ids if not (skip_special_tokens and int(i) >= ENDOFTEXT_ID)]
-        bad = [i for i in ids if not 0 <= i < self._bpe.n_vocab]
-        if bad:
-            raise ValueError(f"cannot decode token ids {bad[:8]}: outside the vocabulary [0, {self._bpe.n_vocab})")
-        return self._bpe.encoding.decode(ids, errors="replace")
+        return self._bpe.decode(token_ids, skip_special_tokens)
 
 
 def is_qwen1_tokenizer(tokenizer: Any) -> bool:

@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import os
 import unicodedata
+from collections.abc import Iterable
 from pathlib import Path
 
 import tiktoken
@@ -104,6 +105,21 @@ class _QwenBPE:
             raise ValueError(f"{path}: BPE ranks are not contiguous ({self.encoding.n_vocab} != {self.n_vocab})")
         self.id_to_bytes: dict[int, bytes] = {rank: token for token, rank in ranks.items()}
         self.special_ids = frozenset(SPECIAL_TOKENS)
+
+    def encode_ordinary(self, texts: Iterable[str]) -> list[list[int]]:
+        """Plain-text ids of each text: NFC, special-token strings as text (both Qwen-1 tokenizer classes)."""
+        encode = self.encoding.encode_ordinary
+        return [encode(_nfc(text)) for text in texts]
+
+    def decode(self, token_ids: Iterable[int], skip_special_tokens: bool = False, errors: str = "replace") -> str:
+        """Text of ids, refusing ids outside the vocabulary in one line (tiktoken would panic)."""
+        ids = [int(i) for i in token_ids]
+        if skip_special_tokens:  # Qwen-1: every id from <|endoftext|> on is special
+            ids = [i for i in ids if i < ENDOFTEXT_ID]
+        bad = [i for i in ids if not 0 <= i < self.n_vocab]
+        if bad:
+            raise ValueError(f"cannot decode token ids {bad[:8]}: outside the vocabulary [0, {self.n_vocab})")
+        return self.encoding.decode(ids, errors=errors)
 
     @functools.cached_property
     def str_vocab(self) -> dict[str, int]:

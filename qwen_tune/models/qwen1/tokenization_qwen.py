@@ -189,10 +189,9 @@ class QWenTokenizer(PreTrainedTokenizer):
 
     def encode_ordinary(self, texts: str | Iterable[str]) -> list[int] | list[list[int]]:
         """Plain-text ids (NFC, special-token strings as text) for one text or a list of texts."""
-        encode = self._bpe.encoding.encode_ordinary
         if isinstance(texts, str):
-            return encode(_nfc(texts))
-        return [encode(_nfc(text)) for text in texts]
+            return self._bpe.encode_ordinary([texts])[0]
+        return self._bpe.encode_ordinary(texts)
 
     def tokenize(
         self, text: str, allowed_special: Any = "all", disallowed_special: Any = (), **kwargs: Any
@@ -340,14 +339,7 @@ class QWenTokenizer(PreTrainedTokenizer):
     ) -> str:
         if isinstance(token_ids, int):
             token_ids = [token_ids]
-        token_ids = [int(i) for i in token_ids]
-        if skip_special_tokens:  # Qwen-1: every id from <|endoftext|> on is special
-            token_ids = [i for i in token_ids if i < ENDOFTEXT_ID]
-        n_vocab = self._bpe.n_vocab
-        bad = [i for i in token_ids if not 0 <= i < n_vocab]
-        if bad:
-            raise ValueError(f"cannot decode token ids {bad[:8]}: outside the vocabulary [0, {n_vocab})")
-        text = self._bpe.encoding.decode(token_ids, errors=errors or self.errors)
+        text = self._bpe.decode(token_ids, skip_special_tokens, errors=errors or self.errors)
         if clean_up_tokenization_spaces is None:
             clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
         if clean_up_tokenization_spaces:
