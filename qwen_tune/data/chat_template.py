@@ -2,8 +2,8 @@
 
 Qwen1.5 ... Qwen3.5 checkpoints ship a jinja ``chat_template``; vLLM and transformers render prompts with it,
 so training must use the same layout (default system, ``<think>`` blocks, tool-call blocks). The template is
-rendered by transformers' own jinja renderer (``render_jinja_template``, the engine of
-``tokenizer.apply_chat_template``); nothing of any template is copied here.
+rendered in transformers' own jinja environment (the one ``tokenizer.apply_chat_template`` uses, with the
+sandbox's attribute checks memoized: :mod:`qwen_tune.data.jinja_render`); nothing of any template is copied here.
 
 Tokens are exactly ``tokenizer.apply_chat_template(messages, tools=..., tokenize=True)``, with one deliberate
 exception: *special* control tokens typed inside data (``<|im_start|>``, ``<|im_end|>``, ...) are encoded as
@@ -146,6 +146,8 @@ class TemplateEncoder:
         self.template_kwargs = dict(template_kwargs or {})
         self.name, self.template_id = template.name, template.sha256
         self._backend = backend
+        self._renderer: Any = None
+        self._render_kwargs = {**tokenizer.special_tokens_map, **self.template_kwargs}  # as apply_chat_template does
         specials = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special and t.content}
         self._special_ids = {s: tokenizer.convert_tokens_to_ids(s) for s in specials}
         self._segmenter = Segmenter(self._special_ids)
@@ -164,13 +166,12 @@ class TemplateEncoder:
     # ------------------------------------------------------------------ rendering
 
     def _render(self, messages: list[dict], tools: list | None, add_generation_prompt: bool) -> str:
-        # Imported here: the ChatML path (`qwen-tune data ...` on Qwen-1) never loads transformers.
-        from transformers.utils.chat_template_utils import render_jinja_template
+        if self._renderer is None:
+            # Imported here: the ChatML path (`qwen-tune data ...` on Qwen-1) never loads transformers.
+            from .jinja_render import TemplateRenderer
 
-        kwargs = {**self.tokenizer.special_tokens_map, **self.template_kwargs}  # as apply_chat_template does
-        rendered, _ = render_jinja_template(conversations=[messages], tools=tools, chat_template=self.template.text,
-                                            add_generation_prompt=add_generation_prompt, **kwargs)
-        return rendered[0]
+            self._renderer = TemplateRenderer(self.template.text)
+        return self._renderer.render(messages, tools, add_generation_prompt, **self._render_kwargs)
 
     def render_training(self, messages: list[dict], tools: list | None) -> tuple[str, bool]:
         """The marked rendering of a whole conversation, and the add_generation_prompt it was rendered with.
