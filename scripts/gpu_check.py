@@ -165,7 +165,7 @@ def run_tests(device: str, work: Path, timeout: float, extra: list[str]) -> dict
 
 
 def run_profile(device: str, plan: list[dict[str, Any]], work: Path, results_dir: Path, stamp: str,
-                deadline: float, steps: int, grad_accum: int) -> list[dict[str, Any]]:
+                deadline: float, steps: int, grad_accum: int, keep_scratch: bool = False) -> list[dict[str, Any]]:
     runs = []
     for entry in plan:
         left = deadline - time.monotonic()
@@ -192,7 +192,8 @@ def run_profile(device: str, plan: list[dict[str, Any]], work: Path, results_dir
                      "files": [str(results_dir / f"{name}.{ext}") for ext in ("json", "md")],
                      "machine": res.get("machine"), "peak_tflops": res.get("peak_tflops"),
                      "config": res.get("config"), "results": res.get("results", [])})
-        shutil.rmtree(scratch, ignore_errors=True)  # random-weight checkpoints are big (7B: 30 GB in fp32)
+        if not keep_scratch:  # random-weight checkpoints are big (7B: 30 GB in fp32); a dry run's are tiny
+            shutil.rmtree(scratch, ignore_errors=True)
     return runs
 
 
@@ -290,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per profile cell (default 2; the "
                                                            "first is warm-up)")
     ap.add_argument("--grad-accum", type=int, default=None, help="profile gradient accumulation (default 8, as "
-                                                                 "the published table; dry 1)")
+                                                                 "the published table; dry 2)")
     ap.add_argument("--results-dir", default=None, help="default bench/results (dry run: the scratch directory)")
     ap.add_argument("--work", default=None, help="scratch directory (default: a temporary one)")
     ap.add_argument("--install-wheels", default=None, metavar="DIR",
@@ -336,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                 ap.error(f"--profile-models {args.profile_models}: choose from "
                          + ", ".join(e["model"] for e in CUDA_PLAN))
         runs = run_profile(device, plan, work, results_dir, stamp, deadline - 5,
-                           args.steps or 2, args.grad_accum or (1 if dry else 8))
+                           args.steps or 2, args.grad_accum or (2 if dry else 8), keep_scratch=dry)
     wall = time.monotonic() - start
     md = summary_markdown(info, tests, runs, wall)
     out = results_dir / f"gpu_check_{stamp}"

@@ -1,5 +1,8 @@
 """scripts/gpu_check.py --dry-run: the GPU check's own code (pytest -m cuda over tests/gpu on CPU, the budgeted
-profile, the summary) runs end to end on CPU, so the prepared script cannot rot before a GPU is available."""
+profile, the summary) runs end to end on CPU, so the prepared script cannot rot before a GPU is available.
+
+Its part 2 is scripts/profile.py itself (a process per cell, both sides training through run_training), so this
+one run also checks what the profile reports and that each side trained the recipe it claims."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,3 +44,19 @@ def test_gpu_check_dry_run(tmp_path):
     assert "Part 1" in md and "PASS" in md and "| tiny | qlora | 64 |" in md
     assert "| tiny | Q-LoRA | qwen-tune | 1 | 1 |" in md  # the published table's layout
     assert (results / f"{summary.stem}_profile_tiny.md").exists()
+
+    # The profile's own numbers: every cell trained its steps (2 accumulated micro-batches of 64 tokens each).
+    for r in run["results"]:
+        assert r["steps"] == 2 and len(r["step_times_s"]) == 2 and r["s_per_it"] > 0 and r["peak_rss_gib"] > 0, r
+        assert r["tokens_per_s"] == 64 * 2 / r["s_per_it"]
+    # Each side ran the recipe it claims: the reference pads to the length with the full-logits loss.
+    scratch = tmp_path / "work" / "profile_tiny"
+    for method in ("lora", "qlora"):
+        ref = yaml.safe_load((scratch / f"run_{method}_64_reference" / "qwen_tune_recipe.yaml").read_text())
+        ours = yaml.safe_load((scratch / f"run_{method}_64_qwen-tune" / "qwen_tune_recipe.yaml").read_text())
+        assert (ref["training"]["loss"], ref["data"]["packing"], ref["data"]["pad_to_multiple_of"]) == ("plain", False, 64)
+        assert (ours["training"]["loss"], ours["data"]["packing"]) == ("chunked", True)
+        assert ref["method"] == ours["method"] == method
+        assert ref["training"]["grad_accum"] == ours["training"]["grad_accum"] == 2
+    report = json.loads((scratch / "run_lora_64_qwen-tune" / "data_report.json").read_text())
+    assert report[0]["truncated"] == 4  # every sample was cut to exactly 64 tokens
