@@ -37,14 +37,16 @@ def theirs(template: str, messages, tools=None, add_generation_prompt=False, **k
 def test_every_family_renders_the_same_string(family, family_tok):
     tok = family_tok(family)
     template, specials = tok.chat_template, tok.special_tokens_map
-    ours = TemplateRenderer(template)
-    assert ours._compiled is not None, "the memoized path must be the one under test"
-    for name, c in CONVERSATIONS.items():
-        for gen in (False, True):
-            for kw in ({}, {"enable_thinking": False}):
+    for kw in ({}, {"enable_thinking": False}):
+        ours = TemplateRenderer(template, **specials, **kw)
+        assert ours._compiled is not None, "the memoized path must be the one under test"
+        for name, c in CONVERSATIONS.items():
+            for gen in (False, True):
                 args = (c.messages(), c.tools, gen)
                 expected = outcome(theirs, template, *args, **specials, **kw)
-                assert outcome(ours.render, *args, **specials, **kw) == expected, (family, name, gen, kw)
+                assert outcome(ours.render, *args) == expected, (family, name, gen, kw)
+                # plain_inputs (what TemplateEncoder passes: fresh JSON-typed containers) renders the same.
+                assert outcome(ours.render, *args, True) == expected, (family, name, gen, kw)
 
 
 # Attribute names a template might reach for: dict/str/list methods, mutators, dunders, private names, keys that
@@ -85,3 +87,12 @@ def test_unsafe_access_is_still_refused(template):
     with pytest.raises(jinja2.exceptions.SecurityError):
         TemplateRenderer(template).render(messages)
     assert messages == [{"role": "user", "content": "x"}]
+
+
+def test_calls_with_keyword_arguments_named_like_the_call_machinery():
+    # The sandbox's call takes the callee positionally, so a template's own keywords (obj, context) pass through.
+    template = ("{% set ns = namespace(obj=1, context=2) %}{{ dict(obj=3, context=4) }}{{ ns.obj }}"
+                "{{ messages[0]['content'].split(maxsplit=1) }}{{ 'a-b'.replace('-', '+') }}")
+    messages = [{"role": "user", "content": "x y z"}]
+    assert outcome(TemplateRenderer(template).render, messages) == outcome(theirs, template, messages)
+    assert outcome(TemplateRenderer(template).render, messages)[0] == "ok"

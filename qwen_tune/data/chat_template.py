@@ -170,8 +170,10 @@ class TemplateEncoder:
             # Imported here: the ChatML path (`qwen-tune data ...` on Qwen-1) never loads transformers.
             from .jinja_render import TemplateRenderer
 
-            self._renderer = TemplateRenderer(self.template.text)
-        return self._renderer.render(messages, tools, add_generation_prompt, **self._render_kwargs)
+            self._renderer = TemplateRenderer(self.template.text, **self._render_kwargs)
+        # mark() rebuilt every container of the conversation, and its fields come from JSON / Arrow readers:
+        # JSON types only, so transformers' defensive copy of the inputs is skipped.
+        return self._renderer.render(messages, tools, add_generation_prompt, plain_inputs=True)
 
     def render_training(self, messages: list[dict], tools: list | None) -> tuple[str, bool]:
         """The marked rendering of a whole conversation, and the add_generation_prompt it was rendered with.

@@ -16,11 +16,20 @@ from ..constants import IGNORE_INDEX, IM_END
 MARK_START, MARK_END = "\U000f0100", "\U000f0101"
 
 
+def _wrap(m: re.Match) -> str:
+    return MARK_START + m.group(0) + MARK_END
+
+
 def mark(obj: Any, pattern: re.Pattern) -> Any:
+    """A fresh copy of ``obj`` with every special-token string inside its strings wrapped in markers.
+
+    Called once per conversation on the hot path: a message's string fields are marked inline, without a call each.
+    """
     if isinstance(obj, str):
-        return pattern.sub(lambda m: MARK_START + m.group(0) + MARK_END, obj)
+        return pattern.sub(_wrap, obj)
     if isinstance(obj, dict):
-        return {k: mark(v, pattern) for k, v in obj.items()}
+        sub = pattern.sub
+        return {k: sub(_wrap, v) if type(v) is str else mark(v, pattern) for k, v in obj.items()}
     if isinstance(obj, list):
         return [mark(v, pattern) for v in obj]
     return obj
