@@ -162,6 +162,18 @@ def test_encode_texts_keeps_specials_plain(qwen, oracle):
     assert encode_texts(qwen, ["Cafe\u0301"]) == [oracle.encode("Café")]  # NFC like the original
 
 
+def test_encode_ordinary_batch_keeps_tiktokens_surrogate_fallback(qwen, oracle):
+    # encode_ordinary calls tiktoken's core directly; a lone surrogate (which the core cannot take) still gets the
+    # public method's replacement, for every text of the batch, and a generator is accepted like a list.
+    texts = ["ascii only", "Cafe\u0301", "a\ud800b", "你好"]
+    public = qwen.tiktoken_encoding.encode_ordinary  # tiktoken's public method, fallback included
+    want = [public(unicodedata.normalize("NFC", t)) for t in texts]
+    assert want[2] == oracle.encode("a\ufffdb", allowed_special=set(), disallowed_special=())
+    assert qwen.encode_ordinary(texts) == want
+    assert qwen.encode_ordinary(t for t in texts) == want
+    assert qwen.encode_ordinary(texts[:2]) == want[:2]
+
+
 def test_padding_truncation_and_collator(qwen):
     from transformers import DataCollatorWithPadding
 
