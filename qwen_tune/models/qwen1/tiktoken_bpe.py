@@ -109,11 +109,11 @@ class _QwenBPE:
     def encode_ordinary(self, texts: Iterable[str]) -> list[list[int]]:
         """Plain-text ids of each text: NFC, special-token strings as text (both Qwen-1 tokenizer classes)."""
         texts = texts if isinstance(texts, list) else list(texts)
-        # tiktoken's CoreBPE directly: the public Encoding.encode_ordinary adds only a Python frame per text (~1% of
-        # the ChatML encoder over short pieces) and a fallback for lone surrogates, which the except keeps.
-        core, is_nfc = self.encoding._core_bpe.encode_ordinary, unicodedata.is_normalized
+        # tiktoken's CoreBPE directly: the public Encoding.encode_ordinary adds only a Python frame per text and a
+        # fallback for lone surrogates, which the except keeps.
+        core = self.encoding._core_bpe.encode_ordinary
         try:
-            return [core(t if t.isascii() or is_nfc("NFC", t) else unicodedata.normalize("NFC", t)) for t in texts]
+            return [core(_nfc(text)) for text in texts]
         except UnicodeEncodeError:
             encode = self.encoding.encode_ordinary
             return [encode(_nfc(text)) for text in texts]
