@@ -96,3 +96,20 @@ def test_calls_with_keyword_arguments_named_like_the_call_machinery():
     messages = [{"role": "user", "content": "x y z"}]
     assert outcome(TemplateRenderer(template).render, messages) == outcome(theirs, template, messages)
     assert outcome(TemplateRenderer(template).render, messages)[0] == "ok"
+
+
+def test_falls_back_to_render_jinja_template_without_transformers_private_helpers(monkeypatch, family_tok):
+    # If a transformers release moves the private helpers, the public renderer is used: the same strings.
+    from transformers.utils import chat_template_utils
+
+    tok = family_tok("qwen3")
+    template, specials = tok.chat_template, tok.special_tokens_map
+    cases = [(c.messages(), c.tools, gen) for c in CONVERSATIONS.values() for gen in (False, True)]
+    expected = [outcome(theirs, template, *args, **specials) for args in cases]
+    assert all(status == "ok" for status, _ in expected)
+    # A helper missing when TemplateRenderer is built sends it to the public path for good.
+    monkeypatch.delattr(chat_template_utils, "_alias_reasoning_fields")
+    fallback = TemplateRenderer(template, **specials)
+    assert fallback._compiled is None
+    monkeypatch.undo()  # render_jinja_template itself needs the helper back
+    assert [outcome(fallback.render, *args, True) for args in cases] == expected
