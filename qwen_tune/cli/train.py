@@ -98,11 +98,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         from ..train.run import run_training as run
 
+    from ..train.distributed import close_process_group
+
     try:
         result = run(recipe)
     except RunAlreadyFinished as e:
         print(e, file=sys.stderr)
+        close_process_group()
         return 0
+    close_process_group()  # every rank is past its last collective: an interrupted run saved collectively too
     if getattr(result, "interrupted_by", None) is not None:
         return 128 + int(result.interrupted_by)  # the shell's convention for "stopped by a signal", after a clean save
     if int(os.environ.get("RANK", "0")) == 0:

@@ -154,3 +154,16 @@ def init_distributed_for_cpu() -> None:
 
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="gloo")
+
+
+def close_process_group() -> None:
+    """Tear the process group down before the interpreter does, after a run every rank finished.
+
+    Left to interpreter exit, gloo's worker threads can still own tensors when Python is half torn down, and a
+    rank dies with SIGABRT ("terminate called without an active exception") after a successful run, which the
+    launcher reports as a failure. Not called after an error: a rank still inside a collective would hang it.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
