@@ -15,8 +15,9 @@ What every toolkit gets (bench/peers_data.py):
   * the same 24 conversations of bench/make_data.py's set (one per length quantile), with the system prompt written
     out, in each toolkit's format (OpenAI messages as JSON / JSONL);
   * LoRA r 8, alpha 16, dropout 0 on every linear layer of the decoder (q/k/v/o/gate/up/down), AdamW lr 1e-3,
-    constant schedule, no warm-up, no weight decay, fp32 on CPU, SDPA attention, no gradient checkpointing, no
-    compile, packing on at max_len 2048, micro-batch 1 packed row, --epochs passes over the data;
+    constant schedule, no warm-up, no weight decay, fp32 on CPU (--precision bf16: each toolkit's bf16 switch), SDPA
+    attention, no gradient checkpointing, no compile, packing on at max_len 2048, micro-batch 1 packed row, --epochs
+    passes over the data;
   * its own CLI in its own process: `qwen-tune train`, `llamafactory-cli train`, `tune run
     lora_finetune_single_device`, `axolotl train`.
 
@@ -55,6 +56,7 @@ from peers_install import PEERS, VENVS, install, install_status, venv_python  # 
 WORK = CACHE / "peers"
 RUNS = WORK / "runs"
 THREADS = 0  # OMP_NUM_THREADS forced on every toolkit (0: each one's default)
+PRECISION = "fp32"  # every toolkit's compute dtype: fp32, or bf16 (autocast / bf16 weights: CPUs with AVX512-BF16 or AMX)
 TOOLS = ["qwen-tune", *PEERS]
 LABELS = {"qwen-tune": "qwen-tune", "llamafactory": "LLaMA-Factory", "torchtune": "torchtune", "axolotl": "axolotl"}
 TARGETS = {"speed_vs_best_peer": 3.0, "memory_vs_leanest_peer": 0.5}
@@ -86,7 +88,7 @@ def qwen_tune_cmd(run: Path, epochs: int, batch: int) -> tuple[list[str], dict, 
         # would train too (the peers train LoRA only).
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "auto", "trainable_embeddings": False},
         "training": {"epochs": epochs, "batch_size": batch, "grad_accum": 1, "lr": LR, "scheduler": "constant",
-                     "warmup_ratio": 0.0, "weight_decay": 0.0, "gradient_checkpointing": False, "precision": "fp32",
+                     "warmup_ratio": 0.0, "weight_decay": 0.0, "gradient_checkpointing": False, "precision": PRECISION,
                      "seed": 0},
         "output": {"dir": str(run / "out"), "save_steps": 100000, "save_every_minutes": 0, "logging_steps": 1,
                    "report_to": [], "overwrite": True},
@@ -116,7 +118,7 @@ def llamafactory_cmd(run: Path, epochs: int, batch: int) -> tuple[list[str], dic
         "output_dir": str(run / "out"), "overwrite_output_dir": True, "logging_steps": 1, "save_strategy": "no",
         "plot_loss": False, "report_to": "none", "per_device_train_batch_size": 1, "gradient_accumulation_steps": 1,
         "learning_rate": LR, "num_train_epochs": float(epochs), "lr_scheduler_type": "constant", "warmup_ratio": 0.0,
-        "weight_decay": 0.0, "bf16": False, "fp16": False, "flash_attn": "sdpa", "seed": 0, "use_cpu": True,
+        "weight_decay": 0.0, "bf16": PRECISION == "bf16", "fp16": False, "flash_attn": "sdpa", "seed": 0, "use_cpu": True,
         "gradient_checkpointing": False, "disable_gradient_checkpointing": True,
     }
     path = run / "train.yaml"
@@ -151,7 +153,7 @@ def torchtune_cmd(run: Path, epochs: int, batch: int) -> tuple[list[str], dict, 
                          "num_warmup_steps": 0},
         "loss": {"_component_": "torchtune.modules.loss.CEWithChunkedOutputLoss"},
         "epochs": epochs, "max_steps_per_epoch": None, "gradient_accumulation_steps": 1, "clip_grad_norm": None,
-        "compile": False, "device": "cpu", "dtype": "fp32", "enable_activation_checkpointing": False,
+        "compile": False, "device": "cpu", "dtype": PRECISION, "enable_activation_checkpointing": False,
         "enable_activation_offloading": False,
         "metric_logger": {"_component_": "torchtune.training.metric_logging.StdoutLogger"},
         "log_every_n_steps": 1, "log_peak_memory_stats": False,
@@ -174,7 +176,7 @@ def axolotl_cmd(run: Path, epochs: int, batch: int) -> tuple[list[str], dict, st
         "adapter": "lora", "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "lora_target_linear": True,
         "gradient_accumulation_steps": 1, "micro_batch_size": 1, "num_epochs": epochs, "optimizer": "adamw_torch",
         "lr_scheduler": "constant", "learning_rate": LR, "warmup_steps": 0, "weight_decay": 0.0,
-        "bf16": False, "fp16": False, "tf32": False, "gradient_checkpointing": False, "flash_attention": False,
+        "bf16": PRECISION == "bf16", "fp16": False, "tf32": False, "gradient_checkpointing": False, "flash_attention": False,
         "sdp_attention": True, "logging_steps": 1, "save_strategy": "no", "seed": 0, "dataset_processes": 1,
         # workers forked from a process whose telemetry thread holds a lock deadlocked here; in-process loading.
         "dataloader_num_workers": 0, "dataloader_pin_memory": False,
@@ -434,15 +436,18 @@ def report(inputs: dict[str, Any]) -> None:
         if "real_tok_per_s" not in r:
             rows.append([LABELS[tool], "failed"] + [""] * 9)
             continue
+        row = [LABELS[tool], r["real_tok_per_s"], r.get("window_tok_per_cpu_s", ""), r.get("window_cpu_share", ""),
+               r.get("loop_tok_per_s", ""), r["real_tok_per_cpu_s"], r["peak_tree_rss_gib"], r["ru_maxrss_gib"],
+               r["steps"], r["wall_s"]]
+        if best is None:  # no peer measured (yet): the row without ratios
+            rows.append(row + [""])
+            continue
         r["speed_vs_best_peer"] = round(r["real_tok_per_s"] / ok[best]["real_tok_per_s"], 2)
         if r.get("window_tok_per_cpu_s") and ok[best_cpu].get("window_tok_per_cpu_s"):
             r["cpu_speed_vs_best_peer"] = round(r["window_tok_per_cpu_s"] / ok[best_cpu]["window_tok_per_cpu_s"], 2)
         r["memory_vs_leanest_peer"] = round(r["peak_tree_rss_gib"] / ok[leanest]["peak_tree_rss_gib"], 2)
-        rows.append([LABELS[tool], r["real_tok_per_s"], r.get("window_tok_per_cpu_s", ""),
-                     r.get("window_cpu_share", ""), r.get("loop_tok_per_s", ""), r["real_tok_per_cpu_s"],
-                     r["peak_tree_rss_gib"], r["ru_maxrss_gib"], r["steps"], r["wall_s"],
-                     f"{r['speed_vs_best_peer']:.2f}x / {r.get('cpu_speed_vs_best_peer', float('nan')):.2f}x / "
-                     f"{r['memory_vs_leanest_peer']:.2f}x"])
+        rows.append(row + [f"{r['speed_vs_best_peer']:.2f}x / {r.get('cpu_speed_vs_best_peer', float('nan')):.2f}x / "
+                           f"{r['memory_vs_leanest_peer']:.2f}x"])
     headers = ["toolkit", "real tok/s", "tok/CPU-s (window)", "CPUs used", "loop tok/s", "tok/CPU-s (whole run)",
                "peak RSS tree GiB", "ru_maxrss GiB", "steps", "process wall s",
                "vs best peer: speed / CPU efficiency / memory vs leanest"]
@@ -480,7 +485,7 @@ def report(inputs: dict[str, Any]) -> None:
         + "; ".join(f"{LABELS[t]} {a} -> {b}" for t, (a, b) in loads.items()) + ").", "",
         f"Tiny random Qwen2 (hidden 256, 4 layers, real 151,936 vocab), LoRA r8 alpha 16 dropout 0 on all linears, "
         f"{inputs['conversations']} conversations ({inputs['real_tokens']:,} real tokens, longest {inputs['max_len']}) "
-        f"x {next(iter(runs.values()), {}).get('epochs', '?')} epochs, max_len {MAX_LEN}, packing on, fp32 CPU, "
+        f"x {next(iter(runs.values()), {}).get('epochs', '?')} epochs, max_len {MAX_LEN}, packing on, {PRECISION} on CPU, "
         "each toolkit's own CLI in its own process.", "",
         md, "",
         "- **real tok/s**: real (non-pad) tokens over the window from the end of step 1 to the end of the last step "
@@ -512,7 +517,9 @@ def report(inputs: dict[str, Any]) -> None:
                "best_peer_cpu": best_cpu,
                "leanest_peer": leanest, "runs": runs, "qwen_tune_variants": variants, "cpu": cpu_model(), "cores": os.cpu_count()}
     payload["omp_num_threads_forced"] = THREADS or None
-    j, m = write_results(f"peers_{THREADS}thread" if THREADS else "peers", payload, mdtext)
+    payload["precision"] = PRECISION
+    name = (f"peers_{THREADS}thread" if THREADS else "peers") + ("" if PRECISION == "fp32" else f"_{PRECISION}")
+    j, m = write_results(name, payload, mdtext)
     print(f"wrote {j} and {m}")
 
 
@@ -533,6 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--qwen-env", nargs="*", default=[], help="qwen-tune environment, NAME=value")
     ap.add_argument("--threads", type=int, default=0,
                     help="OMP_NUM_THREADS for every toolkit (0 = each one's default); runs and results kept apart")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="every toolkit's compute dtype (bf16: each one's bf16 switch); runs and results kept apart")
     ap.add_argument("--prepare-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -541,9 +550,11 @@ def main(argv: list[str] | None = None) -> int:
 
         prepare(WORK)
         return 0
-    global RUNS, THREADS
+    global RUNS, THREADS, PRECISION
     if args.threads:
         RUNS, THREADS = WORK / f"runs_{args.threads}thread", args.threads
+    if args.precision != "fp32":
+        RUNS, PRECISION = RUNS.with_name(f"{RUNS.name}_{args.precision}"), args.precision
     inputs_path = WORK / "inputs.json"
     if not inputs_path.exists():
         subprocess.run([sys.executable, __file__, "--prepare-only"], check=True,

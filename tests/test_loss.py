@@ -154,6 +154,35 @@ def test_frozen_plain_head_runs_as_matmuls_into_a_reused_buffer(setup, hooked, m
         assert ws.eager_elements == 3 * n_valid * V
 
 
+@pytest.mark.parametrize("head_dtype", [torch.bfloat16, torch.float32])
+def test_frozen_head_under_bf16_autocast(setup, head_dtype):
+    """bf16 autocast on CPU (training.precision=bf16): a frozen head already in bf16 takes the bare matmuls, with
+    the very numbers of the module call (autocast casts nothing there); an fp32 head keeps the module call, which
+    autocast computes in bf16."""
+    head, hidden, labels, _ = setup
+    head = head.to(head_dtype).requires_grad_(False)
+    hidden = hidden.to(head_dtype)
+    hooked = nn.Linear(H, V, bias=False, dtype=head_dtype).requires_grad_(False)
+    hooked.weight.data.copy_(head.weight)
+    calls = []
+    hooked.register_forward_hook(lambda m, a, out: calls.append(out.dtype))
+    results = []
+    for h in (head, hooked):
+        ws = loss_kernel.LossWorkspace()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(_loss_and_grads(causal_lm_loss, hidden, h, labels, chunk_size=16, compile=False,
+                                           workspace=ws))
+        if h is head:
+            bare = ws.buffer is not None
+    assert bare == (head_dtype == torch.bfloat16)
+    assert calls and set(calls) == {torch.bfloat16}  # the module call ran in autocast's dtype
+    (l0, g0, _), (l1, g1, _) = results
+    assert torch.equal(l0, l1) and torch.equal(g0, g1)
+    fp32 = nn.Linear(H, V, bias=False).requires_grad_(False)
+    fp32.weight.data.copy_(head.weight.float())
+    torch.testing.assert_close(l0, _reference(hidden.float(), fp32, labels), rtol=1e-2, atol=0)  # bf16 rounding
+
+
 def test_frozen_head_gets_no_grad_and_hidden_grads_match(setup):
     head, hidden, labels, _ = setup
     head.weight.requires_grad_(False)

@@ -299,3 +299,20 @@ def test_disk_full_during_a_checkpoint_save(bases, small_data, small_tmpfs, caps
     assert "resuming from " + str(out / "checkpoint-1") in caplog.text
     assert json.loads((out / "train_summary.json").read_text())["steps"] == 2
     assert latest_complete_checkpoint(out) == str(out / "checkpoint-2")
+
+
+@pytest.mark.parametrize("precision", ["auto", "fp32", "bf16"])
+def test_cpu_bf16_hint_only_for_auto_on_a_bf16_cpu(bases, small_data, tmp_path, caplog, precision):
+    """precision auto stays fp32 on CPU; where the CPU multiplies bf16 natively the log names the faster knob."""
+    import logging
+
+    from qwen_tune.models.loading import cpu_bf16_matmul
+    from qwen_tune.train.run import setup_run
+
+    caplog.set_level(logging.INFO)
+    r = recipe(bases["chat"], small_data, tmp_path / "out", "lora", f"training.precision={precision}")
+    setup_run(r, tmp_path / "out")
+    hint = "this CPU has native bf16 matmuls" in caplog.text
+    assert hint == (precision == "auto" and cpu_bf16_matmul() is not None)
+    if hint:
+        assert f"({cpu_bf16_matmul()})" in caplog.text

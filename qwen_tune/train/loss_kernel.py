@@ -70,7 +70,9 @@ def frozen_linear_weight(lm_head: nn.Module, rows: torch.Tensor) -> torch.Tensor
     """The weight of a head that can be applied as a bare matmul, else None.
 
     That is a frozen, bias-free ``nn.Linear`` with no hooks (global ones included: calling it as a module would
-    run them), in the rows' dtype and outside autocast; any wrapper (peft, ZeRO-3) keeps the module call.
+    run them), in the rows' dtype; any wrapper (peft, ZeRO-3) keeps the module call. Under autocast only when
+    weight and rows are already in autocast's dtype (a bf16 base under bf16 autocast): autocast would cast
+    nothing, so the bare matmul is the same computation.
     """
     hooks = (lm_head._forward_hooks or lm_head._forward_pre_hooks
              or getattr(nn.modules.module, "_global_forward_hooks", None)
@@ -78,7 +80,10 @@ def frozen_linear_weight(lm_head: nn.Module, rows: torch.Tensor) -> torch.Tensor
     if type(lm_head) is not nn.Linear or lm_head.bias is not None or hooks:
         return None
     w = lm_head.weight
-    if w.requires_grad or w.dtype != rows.dtype or w.device != rows.device or torch.is_autocast_enabled(rows.device.type):
+    if w.requires_grad or w.dtype != rows.dtype or w.device != rows.device:
+        return None
+    device = rows.device.type
+    if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) != w.dtype:
         return None
     return w
 
