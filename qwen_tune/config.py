@@ -165,7 +165,7 @@ class TrainingConfig(_Section):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     loss: Literal["chunked", "plain"] = "chunked"
     loss_chunk_size: int = Field(DEFAULT_LOSS_CHUNK_SIZE, ge=1)  # rows of logits alive at once: 256 x 151,936 x 4 B = 0.15 GB
-    compile_loss: Optional[bool] = None  # torch.compile'd loss chunk: ~4x less softmax time, one 15-90 s compile; None: big chunks
+    compile_loss: Optional[bool] = None  # compiled loss chunk: ~1.3-2x less softmax time, one 15-90 s compile; None: when it repays
     freeze: list[str] = Field(default_factory=list)  # full method: parameter name substrings kept frozen
     eval_steps: Optional[int] = Field(None, ge=1)
     dataloader_workers: int = Field(0, ge=0)

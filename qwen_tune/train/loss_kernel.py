@@ -34,14 +34,15 @@ import torch.nn.functional as F
 __all__ = ["ce_grad_inplace", "chunk_ce_sum", "compile_enabled", "frozen_linear_weight", "LossWorkspace",
            "use_compiled", "COMPILE_AFTER_ELEMENTS", "COMPILE_MIN_ELEMENTS"]
 
-# Chunks under this many logits stay eager when compile is on "auto": ~2^27 floats take ~2 s of eager
-# element-wise work here, so the warm compile is repaid in a handful of chunks, while the tiny models of a
-# test run never pay for a compile at all.
-COMPILE_MIN_ELEMENTS = 1 << 27
-# ... unless the eager path already processed this many logits for the same workspace: ~5 ns each on one core
-# here, so ~20 s of eager element-wise work, about one warm compile (the ski-rental rule: rent until renting has
-# cost the purchase). One short sample per step (~250 supervised rows) crosses it after ~110 steps.
-COMPILE_AFTER_ELEMENTS = 1 << 32
+# Chunks under this many logits stay eager when compile is on "auto". The eager path costs ~1.3 ns (fp32) to
+# ~2 ns (bf16) per logit on one core here and the compiled one ~1 ns, so a warm compile (4-15 s) pays only over
+# billions of logits: immediately only for chunks this big (~7,000 rows of 151,936: GPU-sized chunk settings),
+# and the tiny models of a test run never pay for a compile at all.
+COMPILE_MIN_ELEMENTS = 1 << 30
+# ... or once the eager path has processed this many logits for the same workspace: the ~0.3-1 ns per logit that
+# compiling saves, summed, then reaches about one warm compile (the ski-rental rule: rent until renting has cost
+# the purchase). One short sample per step (~250 supervised rows) crosses it after ~450 steps.
+COMPILE_AFTER_ELEMENTS = 1 << 34
 
 _COMPILED: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 _COMPILE_FAILED: str | None = None
