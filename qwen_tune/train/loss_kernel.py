@@ -1,10 +1,10 @@
 """Per-chunk pieces of the chunked LM-head loss (shared by the default and the ZeRO-3 paths).
 
 ``ce_grad_inplace`` turns one chunk of logits into its summed cross entropy and, in place, its gradient
-``softmax - onehot``. Eager, that is five in-place passes over ``rows x 151,936`` floats (amax, subtract, exp,
-sum, divide; 16-bit logits through a kept fp32 copy). Compiled by inductor it becomes one fused reduction (max,
-sum of exp) and one fused pointwise loop that writes the gradient over the logits, ~1.7x less again on CPU;
-liger-kernel does the same but only on CUDA.
+``softmax - onehot``. Eager, that is five in-place passes (amax, subtract, exp, sum, divide) over blocks of a
+few rows that stay in cache, 16-bit logits through a block-sized fp32 copy. Compiled by inductor it becomes one
+fused reduction (max, sum of exp) and one fused pointwise loop that writes the gradient over the logits: about
+the same speed on CPU now, fewer memory passes on GPU; liger-kernel does the same but only on CUDA.
 
 The compiled function is built once per process with ``dynamic=True`` (one graph for every row count and
 vocabulary size; dtypes and devices get their own guard). Compiling costs ~15 s with inductor's disk cache
@@ -44,6 +44,9 @@ COMPILE_MIN_ELEMENTS = 1 << 30
 # the purchase). One short sample per step (~250 supervised rows) crosses it after ~450 steps.
 COMPILE_AFTER_ELEMENTS = 1 << 34
 
+# Rows per eager block: 2^21 logits = 8 MB of fp32 (13 rows of 151,936), cache-sized on CPUs and GPUs alike.
+EAGER_BLOCK_ELEMENTS = 1 << 21
+
 _COMPILED: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 _COMPILE_FAILED: str | None = None
 
@@ -54,27 +57,17 @@ class LossWorkspace:
 
     def __init__(self) -> None:
         self.buffer: torch.Tensor | None = None
-        self.scratch: torch.Tensor | None = None  # fp32 copy of 16-bit logits for the eager path
         self.eager_elements = 0
 
     def logits(self, rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """An uninitialised ``[rows, vocab]`` tensor, a view of the kept buffer on CPU (grown when needed)."""
-        return self._kept("buffer", rows, vocab, dtype, device)
-
-    def fp32(self, rows: int, vocab: int, device: torch.device) -> torch.Tensor:
-        """As :meth:`logits`, for the eager path's fp32 working copy of 16-bit logits (its own kept buffer)."""
-        return self._kept("scratch", rows, vocab, torch.float32, device)
-
-    def _kept(self, name: str, rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         if device.type != "cpu":
             return torch.empty((rows, vocab), dtype=dtype, device=device)
         need = rows * vocab
-        kept = getattr(self, name)
-        if kept is None or kept.numel() < need or kept.dtype != dtype:
-            setattr(self, name, None)  # free the old one before allocating its successor
-            kept = torch.empty(need, dtype=dtype)
-            setattr(self, name, kept)
-        return kept[:need].view(rows, vocab)
+        if self.buffer is None or self.buffer.numel() < need or self.buffer.dtype != dtype:
+            self.buffer = None  # free the old one before allocating its successor
+            self.buffer = torch.empty(need, dtype=dtype)
+        return self.buffer[:need].view(rows, vocab)
 
 
 def frozen_linear_weight(lm_head: nn.Module, rows: torch.Tensor) -> torch.Tensor | None:
@@ -116,26 +109,28 @@ def _ce_grad(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (lse - picked).sum()
 
 
-def _ce_grad_eager(logits: torch.Tensor, targets: torch.Tensor, workspace: LossWorkspace | None) -> torch.Tensor:
-    # In place, max first: amax, subtract, exp, sum, divide are one vectorized pass each over a buffer that is
-    # already paged in. logsumexp / log_softmax would allocate full-size outputs, and on CPU a fresh rows x 151,936
-    # tensor costs more in page faults than the arithmetic on it (~4x this path's time in all, bf16 or fp32).
-    if logits.dtype == torch.float32:
-        lf = logits
-    else:
-        rows, vocab = logits.shape
-        lf = workspace.fp32(rows, vocab, logits.device) if workspace is not None else torch.empty(
-            (rows, vocab), dtype=torch.float32, device=logits.device)
-        lf.copy_(logits)
-    lf.sub_(lf.amax(1, keepdim=True))
-    picked = lf.gather(1, targets[:, None])  # x_t - max
-    lf.exp_()
-    total = lf.sum(1, keepdim=True)
-    loss = (total.log() - picked).sum()  # logsumexp - x_t, the max cancelling
-    lf.div_(total)
-    lf[torch.arange(targets.numel(), device=targets.device), targets] -= 1.0
-    if lf is not logits:
-        logits.copy_(lf)
+def _ce_grad_eager(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    # In place, max first, a few rows at a time: amax, subtract, exp, sum, divide are one vectorized pass each
+    # over a block that stays in cache (8 MB of fp32), and 16-bit logits need only that block's fp32 copy.
+    # logsumexp / log_softmax over the chunk would allocate chunk-sized outputs, whose page faults on CPU cost
+    # more than the arithmetic (~3x this path's time, bf16 or fp32).
+    rows, vocab = logits.shape
+    step = max(1, EAGER_BLOCK_ELEMENTS // vocab)
+    half = logits.dtype != torch.float32
+    scratch = torch.empty(min(step, rows) * vocab, dtype=torch.float32, device=logits.device) if half else None
+    loss = torch.zeros((), dtype=torch.float32, device=logits.device)
+    for start in range(0, rows, step):
+        block, t = logits[start : start + step], targets[start : start + step]
+        lf = scratch[: block.numel()].view(block.shape).copy_(block) if half else block
+        lf.sub_(lf.amax(1, keepdim=True))
+        picked = lf.gather(1, t[:, None])  # x_t - max
+        lf.exp_()
+        total = lf.sum(1, keepdim=True)
+        loss += (total.log() - picked).sum()  # logsumexp - x_t, the max cancelling
+        lf.div_(total)
+        lf[torch.arange(t.numel(), device=t.device), t] -= 1.0
+        if half:
+            block.copy_(lf)
     return loss
 
 
@@ -187,4 +182,4 @@ def ce_grad_inplace(logits: torch.Tensor, targets: torch.Tensor, compile: bool |
                               stacklevel=2)
     if workspace is not None:
         workspace.eager_elements += logits.numel()
-    return _ce_grad_eager(logits, targets, workspace)
+    return _ce_grad_eager(logits, targets)
