@@ -292,8 +292,16 @@ def derive(r: dict[str, Any], real_tokens: int) -> dict[str, Any]:
     elif r["rc"] == 0:
         r["error"] = f"ran, but {n} step log lines were found (need 2+): the step pattern does not match its log"
     else:
-        r["error"] = f"exit code {r['rc']}; last lines: " + " | ".join(r["log_tail"][-6:])
+        r["error"] = f"exit code {r['rc']}: " + (root_cause(Path(r["log"])) if r.get("log") and Path(r["log"]).exists()
+                                                else " | ".join(r["log_tail"][-6:]))
     return r
+
+
+def root_cause(log: Path) -> str:
+    """The last exception line of a failed run, past the launchers' wrappers (accelerate's CalledProcessError)."""
+    found = [s.strip() for _, s in read_log(log) if re.match(r"\s*[\w.]+(Error|Exception): ", s)
+             and "CalledProcessError" not in s]
+    return found[-1] if found else "no exception line in its log"
 
 
 def watch(cmd: list[str], env: dict, log_path: Path, step_kind: str, cwd: Path) -> dict[str, Any]:

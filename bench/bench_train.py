@@ -272,11 +272,12 @@ def useful_flops(lengths: list[int], supervised: int, r: int) -> dict[str, float
     return parts
 
 
-def gemm_peak(threads: int, n: int = 2048, repeats: int = 5) -> dict[str, float]:
-    """fp32 GEMM rate of torch.matmul on this process's threads: best of `repeats`, by wall and by CPU time."""
+def gemm_peak(threads: int, n: int = 2048, repeats: int = 5, dtype: str = "fp32") -> dict[str, float]:
+    """GEMM rate (fp32, or bf16) of torch.matmul on this process's threads: best of `repeats`, by wall and CPU time."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
     torch.mm(a, b)
     wall = cpu = float("inf")
     for _ in range(repeats):
@@ -284,7 +285,8 @@ def gemm_peak(threads: int, n: int = 2048, repeats: int = 5) -> dict[str, float]
         torch.mm(a, b)
         wall, cpu = min(wall, time.perf_counter() - w0), min(cpu, time.process_time() - c0)
     flops = 2.0 * n ** 3
-    return {"n": n, "threads": threads, "gflops_wall": flops / wall / 1e9, "gflops_cpu": flops / cpu / 1e9}
+    return {"n": n, "threads": threads, "dtype": dtype, "gflops_wall": flops / wall / 1e9,
+            "gflops_cpu": flops / cpu / 1e9}
 
 
 def train_step(kind: str, trainer, records: list[dict], tokenizer, max_len: int, micro_batch: int) -> dict[str, Any]:
