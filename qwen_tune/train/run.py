@@ -195,7 +195,7 @@ def setup_run(recipe: Recipe, out: Path) -> str | None:
     if _use_cpu(recipe) and recipe.training.precision == "auto" and (isa := cpu_bf16_matmul()):
         # auto stays fp32 on CPU (the reference's exact numbers); the faster choice is one knob away.
         log.info("precision: auto -> fp32 on CPU; this CPU has native bf16 matmuls (%s): training.precision=bf16 "
-                 "trains ~2.5x faster here (bench/README.md), at bf16 rounding", isa)
+                 "trains up to ~3x faster where matmuls dominate the step (bench/README.md), at bf16 rounding", isa)
     if recipe.deepspeed:
         single_process_group_env()  # ZeRO-3 without a launcher: a 1-process group instead of DeepSpeed's MPI probe
         if _use_cpu(recipe):
