@@ -4,6 +4,7 @@ tokenizer is verified to be qwen.tiktoken's BPE (family tokenizers: tests/confte
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -106,6 +107,21 @@ def test_non_nfc_run_falls_back_and_matches(family_tok, family_dirs):
     c = Conversation("n", [("user", "e\u0301\u0301"), ("assistant", "Cafe\u0301 \u1100\u1161")])
     same(fast, slow, [c])
     assert "Caf\u00e9" in family_tok("qwen3").decode(fast.encode([c])[0].input_ids)  # NFC, as HF does
+
+
+def test_runs_keep_tiktokens_surrogate_fallback_and_skip_nothing_for_ascii(family_tok, family_dirs):
+    """Runs go to tiktoken's core directly; a lone surrogate (which the core cannot take) gets the public method's
+    replacement, and an ASCII run (NFC by definition, so no normalization scan) the same ids as any."""
+    fast, _ = encoders(family_tok("qwen3"), family_dirs, "qwen3")
+    runs = fast.fast_path()
+    public = fast_bpe._load_bpe(None).encoding.encode_ordinary
+    for run in ("user\nplain ascii text " * 20, "assistant\na\ud800b", "user\n你好 <think>\nx\n</think>"):
+        ids = runs.encode(run)
+        pieces = re.split("(<think>|</think>)", run)
+        want = [t for piece in pieces if piece for t in
+                ([family_tok("qwen3").convert_tokens_to_ids(piece)] if piece in ("<think>", "</think>")
+                 else public(piece))]
+        assert ids == want
 
 
 def test_a_different_vocabulary_does_not_take_the_fast_path(family_dirs, tmp_path):
