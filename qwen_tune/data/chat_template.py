@@ -284,6 +284,8 @@ class TemplateEncoder:
     @staticmethod
     def _dropped_reasoning(c: Conversation, r: Rendered, spans: list[tuple[int, int]]) -> list[str]:
         """One note per assistant message whose reasoning the template did not render (earlier turns)."""
+        if not c.extras:  # no message carries reasoning
+            return []
         notes = []
         k = 0
         for (role, _), extra in zip(c.turns, c.extras or [{}] * len(c.turns)):
@@ -297,8 +299,10 @@ class TemplateEncoder:
 
     @staticmethod
     def _dropped_tool_calls(c: Conversation, r: Rendered, spans: list[tuple[int, int]]) -> int:
+        if not c.extras:  # no message carries tool calls
+            return 0
         lost = k = 0
-        for (role, _), extra in zip(c.turns, c.extras or [{}] * len(c.turns)):
+        for (role, _), extra in zip(c.turns, c.extras):
             if role != "assistant":
                 continue
             body = r.text[spans[k][0]:spans[k][1]]

@@ -150,14 +150,20 @@ def label_tokens(r: Rendered, encodings: list[Any],
         if cut[0][0] <= base and cut[0][1] >= end:
             labels.extend(tids)
             continue
-        # Walk tokens only up to the last boundary in the run; past it, all lie on one side.
-        last = max(x for a, b in cut for x in (a, b) if base < x < end)
-        tail = tids if cut[-1][0] <= end - 1 < cut[-1][1] else None
+        # Walk tokens only up to the last boundary in the run; past it, all lie on one side. Offsets are
+        # run-relative, so the spans are moved into the run's frame once.
+        cut = [(a - base, b - base) for a, b in cut]
+        last = max(x for a, b in cut for x in (a, b) if 0 < x < end - base)
+        tail = tids if cut[-1][0] <= end - base - 1 < cut[-1][1] else None
+        one = cut[0] if len(cut) == 1 else None  # the usual case: one span boundary (an assistant turn's start)
         for k, (t, (s, e)) in enumerate(zip(tids, enc.offsets)):
-            if base + s >= last:
+            if s >= last:
                 labels.extend(tail[k:] if tail is not None else [IGNORE_INDEX] * (len(tids) - k))
                 break
-            labels.append(t if any(base + s < b and base + e > a for a, b in cut) else IGNORE_INDEX)
+            if one is not None:
+                labels.append(t if s < one[1] and e > one[0] else IGNORE_INDEX)
+            else:
+                labels.append(t if any(s < b and e > a for a, b in cut) else IGNORE_INDEX)
     return ids, labels
 
 def assistant_spans(r: Rendered, im_start: int, im_end: int) -> list[tuple[int, int]]:
