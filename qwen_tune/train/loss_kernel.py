@@ -1,8 +1,8 @@
 """Per-chunk pieces of the chunked LM-head loss (shared by the default and the ZeRO-3 paths).
 
 ``ce_grad_inplace`` turns one chunk of logits into its summed cross entropy and, in place, its gradient
-``softmax - onehot``. Eager, that is five in-place passes (amax, subtract, exp, sum, divide) over blocks of a
-few rows that stay in cache, 16-bit logits through a block-sized fp32 copy. Compiled by inductor it becomes one
+``softmax - onehot``. Eager, that is five in-place passes (amax, subtract, exp, sum, divide), on CPU over blocks
+of a few rows that stay in cache, 16-bit logits through a block-sized fp32 copy (on GPU the chunk is one block). Compiled by inductor it becomes one
 fused reduction (max, sum of exp) and one fused pointwise loop that writes the gradient over the logits: about
 the same speed on CPU now, fewer memory passes on GPU; liger-kernel does the same but only on CUDA.
 
@@ -44,7 +44,7 @@ COMPILE_MIN_ELEMENTS = 1 << 30
 # the purchase). One short sample per step (~250 supervised rows) crosses it after ~450 steps.
 COMPILE_AFTER_ELEMENTS = 1 << 34
 
-# Rows per eager block: 2^21 logits = 8 MB of fp32 (13 rows of 151,936), cache-sized on CPUs and GPUs alike.
+# Rows per eager block on CPU: 2^21 logits = 8 MB of fp32 (13 rows of 151,936), cache-sized.
 EAGER_BLOCK_ELEMENTS = 1 << 21
 
 _COMPILED: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
@@ -115,7 +115,9 @@ def _ce_grad_eager(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     # logsumexp / log_softmax over the chunk would allocate chunk-sized outputs, whose page faults on CPU cost
     # more than the arithmetic (~3x this path's time, bf16 or fp32).
     rows, vocab = logits.shape
-    step = max(1, EAGER_BLOCK_ELEMENTS // vocab)
+    # On a GPU the whole chunk is one block: its caching allocator has no page faults to avoid, and a block of a
+    # few rows would turn each pass into many kernel launches.
+    step = max(1, EAGER_BLOCK_ELEMENTS // vocab) if logits.device.type == "cpu" else rows
     half = logits.dtype != torch.float32
     scratch = torch.empty(min(step, rows) * vocab, dtype=torch.float32, device=logits.device) if half else None
     loss = torch.zeros((), dtype=torch.float32, device=logits.device)
