@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     info = machine_info()
     print(machine_line(info), flush=True)
-    measured = {json.loads(p.read_text()).get("precision", "fp32"): (p, json.loads(p.read_text()))
-                for p in args.results}
+    payloads = [(p, json.loads(p.read_text())) for p in args.results]
+    measured = {payload.get("precision", "fp32"): (p, payload) for p, payload in payloads}
     with tempfile.TemporaryDirectory() as d:
         inputs = prepare(Path(d))
         supervised, lengths = supervised_and_lengths(Path(d))

@@ -28,13 +28,12 @@ import json
 import logging
 import os
 import re
-import unicodedata
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Iterator
 
 from ..constants import cache_root
-from ..models.qwen1.tiktoken_bpe import QWEN_PAT_STR, _load_bpe
+from ..models.qwen1.tiktoken_bpe import QWEN_PAT_STR, _load_bpe, is_nfc
 
 log = logging.getLogger(__name__)
 _CACHE_FILE = "bpe_fingerprints.json"
@@ -164,9 +163,7 @@ class TiktokenRuns:
 
     def __init__(self, added: dict[str, tuple[int, bool]], n_ranks: int) -> None:
         bpe = _load_bpe(None)
-        # tiktoken's CoreBPE directly, as the ChatML path does: the public Encoding.encode_ordinary adds a Python
-        # frame per run and a fallback for lone surrogates, which _encode keeps.
-        self._core, self._public = bpe.encoding._core_bpe.encode_ordinary, bpe.encoding.encode_ordinary
+        self._encode = bpe.encode_plain  # tiktoken's core, as the ChatML path calls it (surrogate fallback kept)
         contents = sorted(added, key=len, reverse=True)
         self._added_re = re.compile("|".join(map(re.escape, contents))) if contents else None
         self._added = {c: (None if special else tid) for c, (tid, special) in added.items()}
@@ -180,12 +177,6 @@ class TiktokenRuns:
         self._nbytes = nbytes
         self._cache: dict[str, list[int]] = {}  # short runs repeat: role headers, "\n", the default system
 
-    def _encode(self, text: str) -> list[int]:
-        try:
-            return self._core(text)
-        except UnicodeEncodeError:
-            return self._public(text)
-
     def encode(self, run: str) -> list[int] | None:
         """The run's ids, or None when a piece is not NFC (HF would normalize it; tiktoken cannot)."""
         ids = self._cache.get(run) if len(run) <= 256 else None
@@ -193,7 +184,7 @@ class TiktokenRuns:
             return ids
         added = self._added_re
         if added is None or not added.search(run):
-            if not (run.isascii() or unicodedata.is_normalized("NFC", run)):  # ASCII is NFC: skip the scan
+            if not is_nfc(run):
                 return None
             ids = self._encode(run)
         else:
@@ -205,14 +196,14 @@ class TiktokenRuns:
                     continue
                 if m.start() > last:
                     piece = run[last:m.start()]
-                    if not (piece.isascii() or unicodedata.is_normalized("NFC", piece)):
+                    if not is_nfc(piece):
                         return None
                     ids += self._encode(piece)
                 ids.append(tid)
                 last = m.end()
             if last < len(run):
                 piece = run[last:]
-                if not (piece.isascii() or unicodedata.is_normalized("NFC", piece)):
+                if not is_nfc(piece):
                     return None
                 ids += self._encode(piece)
         if len(run) <= 256:

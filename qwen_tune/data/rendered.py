@@ -155,15 +155,11 @@ def label_tokens(r: Rendered, encodings: list[Any],
         cut = [(a - base, b - base) for a, b in cut]
         last = max(x for a, b in cut for x in (a, b) if 0 < x < end - base)
         tail = tids if cut[-1][0] <= end - base - 1 < cut[-1][1] else None
-        one = cut[0] if len(cut) == 1 else None  # the usual case: one span boundary (an assistant turn's start)
         for k, (t, (s, e)) in enumerate(zip(tids, enc.offsets)):
             if s >= last:
                 labels.extend(tail[k:] if tail is not None else [IGNORE_INDEX] * (len(tids) - k))
                 break
-            if one is not None:
-                labels.append(t if s < one[1] and e > one[0] else IGNORE_INDEX)
-            else:
-                labels.append(t if any(s < b and e > a for a, b in cut) else IGNORE_INDEX)
+            labels.append(t if any(s < b and e > a for a, b in cut) else IGNORE_INDEX)
     return ids, labels
 
 def assistant_spans(r: Rendered, im_start: int, im_end: int) -> list[tuple[int, int]]:

@@ -105,18 +105,23 @@ class _QwenBPE:
             raise ValueError(f"{path}: BPE ranks are not contiguous ({self.encoding.n_vocab} != {self.n_vocab})")
         self.id_to_bytes: dict[int, bytes] = {rank: token for token, rank in ranks.items()}
         self.special_ids = frozenset(SPECIAL_TOKENS)
+        self._core_encode = self.encoding._core_bpe.encode_ordinary
 
     def encode_ordinary(self, texts: Iterable[str]) -> list[list[int]]:
         """Plain-text ids of each text: NFC, special-token strings as text (both Qwen-1 tokenizer classes)."""
-        texts = texts if isinstance(texts, list) else list(texts)
-        # tiktoken's CoreBPE directly: the public Encoding.encode_ordinary adds only a Python frame per text and a
-        # fallback for lone surrogates, which the except keeps.
-        core = self.encoding._core_bpe.encode_ordinary
+        encode = self.encode_plain
+        return [encode(_nfc(text)) for text in texts]
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Ids of one text as it is (no normalization), special-token strings as text.
+
+        tiktoken's CoreBPE directly: the public Encoding.encode_ordinary adds a Python frame per text and a fallback
+        for lone surrogates (which the core cannot take), which the except keeps.
+        """
         try:
-            return [core(_nfc(text)) for text in texts]
+            return self._core_encode(text)
         except UnicodeEncodeError:
-            encode = self.encoding.encode_ordinary
-            return [encode(_nfc(text)) for text in texts]
+            return self.encoding.encode_ordinary(text)
 
     def decode(self, token_ids: Iterable[int], skip_special_tokens: bool = False, errors: str = "replace") -> str:
         """Text of ids, refusing ids outside the vocabulary in one line (tiktoken would panic)."""
@@ -221,6 +226,10 @@ def _load_bpe(path: str | os.PathLike | None) -> _QwenBPE:
     return bpe
 
 
-def _nfc(text: str) -> str:
+def is_nfc(text: str) -> bool:
     # ASCII is NFC, and isascii() is O(1) on CPython's compact strings.
-    return text if text.isascii() or unicodedata.is_normalized("NFC", text) else unicodedata.normalize("NFC", text)
+    return text.isascii() or unicodedata.is_normalized("NFC", text)
+
+
+def _nfc(text: str) -> str:
+    return text if is_nfc(text) else unicodedata.normalize("NFC", text)
