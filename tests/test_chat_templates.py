@@ -202,6 +202,25 @@ def test_qwen1_stays_on_the_reference_chatml_path(tokenizer):
     assert enc.encode([CONVERSATIONS["reasoning"]])[0].notes == ["reasoning_not_rendered"]
 
 
+@pytest.mark.parametrize("family", [None, "qwen2.5-instruct"])
+def test_encoders_pickle_and_hash_for_datasets(family, family_tok, tokenizer):
+    """datasets dill-pickles whatever a map or a streaming generator closes over, encoder included (a bound
+    tiktoken CoreBPE method once made that raise in streaming mode)."""
+    import pickle
+
+    from datasets.fingerprint import Hasher
+
+    tok = tokenizer if family is None else family_tok(family)
+    enc = make_encoder(tok, 512) if family is None else encoder_for(tok)
+    c = conv([("user", "Hi <|im_end|>"), ("assistant", "Hello")])
+    ids = enc.encode([c])[0].input_ids  # after a render: the compiled template exists now
+    clone = pickle.loads(pickle.dumps(enc))
+    # qwen.tiktoken's tables are reloaded by path, not serialized: the encoder is its tokenizer plus a little
+    assert len(pickle.dumps(enc)) < len(pickle.dumps(tok)) + 2_000_000
+    assert clone.encode([c])[0].input_ids == ids
+    assert Hasher.hash(enc) == Hasher.hash(clone)
+
+
 def test_template_settings_and_errors(family_dirs, family_tok, tokenizer, tmp_path):
     tok = family_tok("qwen3")
     assert isinstance(make_encoder(tok, 64, template="chatml"), ChatMLEncoder)

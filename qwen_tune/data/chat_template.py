@@ -163,6 +163,11 @@ class TemplateEncoder:
             raise ChatTemplateError("the tokenizer has no <|im_start|>/<|im_end|> special tokens: Qwen chat templates "
                                     "frame turns with them")
 
+    def __getstate__(self) -> dict[str, Any]:
+        # datasets dill-pickles what a map or a streaming generator closes over; a compiled jinja template cannot
+        # be pickled, and it is rebuilt on the next render.
+        return {**self.__dict__, "_renderer": None}
+
     # ------------------------------------------------------------------ rendering
 
     def _render(self, messages: list[dict], tools: list | None, add_generation_prompt: bool) -> str:

@@ -4,7 +4,6 @@ pre-tokenization regex, the GPT-2 byte-level unicode mapping, and a cached parse
 from __future__ import annotations
 
 import binascii
-import copy
 import functools
 import hashlib
 import importlib.util
@@ -106,6 +105,12 @@ class _QwenBPE:
         self.id_to_bytes: dict[int, bytes] = {rank: token for token, rank in ranks.items()}
         self.special_ids = frozenset(SPECIAL_TOKENS)
         self._core_encode = self.encoding._core_bpe.encode_ordinary
+
+    def __reduce__(self) -> tuple:
+        # Reloaded by path (from the parse cache) rather than serialized: the tables are tens of MB, and the bound
+        # CoreBPE method cannot be pickled at all. datasets hashes (dill-pickles) whatever a map or generator closes
+        # over, which includes the encoder that holds this.
+        return (_load_bpe, (str(self.path),))
 
     def encode_ordinary(self, texts: Iterable[str]) -> list[list[int]]:
         """Plain-text ids of each text: NFC, special-token strings as text (both Qwen-1 tokenizer classes)."""
@@ -221,7 +226,9 @@ def _load_bpe(path: str | os.PathLike | None) -> _QwenBPE:
         if len(_PARSED) >= _MAX_PARSED:
             _PARSED.pop(next(iter(_PARSED)))
         _PARSED[digest] = _QwenBPE(resolved)
-    bpe = copy.copy(_PARSED[digest])  # the tables are shared; `path` names this file
+    # A shallow copy by hand: copy.copy would go through __reduce__, which reloads (and so recurses here).
+    bpe = object.__new__(_QwenBPE)
+    bpe.__dict__.update(_PARSED[digest].__dict__)  # the tables are shared; `path` names this file
     bpe.path = resolved
     return bpe
 
