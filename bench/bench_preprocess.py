@@ -13,8 +13,9 @@ throughput is always *ChatML tokens of the whole set / seconds*, so the columns 
 * reference, unpadded: the same without the padding and tensors (the stricter comparison:
   only tokenization and templating);
 * qwen-tune: ``ChatMLEncoder.encode`` over batches of 512 ``Conversation``s (the batch size
-  ``qwen_tune.data.dataset.tokenize`` uses) -> ids + labels; "+ parsing" adds ``to_conversation``
-  on the raw records (validation), which the reference does not do;
+  ``qwen_tune.data.dataset.tokenize`` uses) -> ids + labels as int32 bytes (what tokenize() hands Arrow);
+  "lists read" also turns every sample's ids and labels into Python lists, which tokenize() never does;
+  "+ parsing" adds ``to_conversation`` on the raw records (validation), which the reference does not do;
 * chat template (Qwen2.5 / Qwen3): ``TemplateEncoder.encode`` with the real Qwen2.5-Instruct and Qwen3
   templates (tests/fixtures/chat_templates) on a Qwen2-style fast tokenizer exported from the same ranks
   (``export_qwen2_tokenizer``): the checkpoint-template path. Its throughput is counted in the same ChatML
@@ -24,7 +25,8 @@ throughput is always *ChatML tokens of the whole set / seconds*, so the columns 
   ``fast=False`` (every run through ``tokenizers``), checked equal to the fast path on 200 samples first;
 * raw tiktoken: only the text pieces (system prompt + every turn) through the bare
   ``tiktoken.Encoding`` -- no template, labels, NFC check or Python around it; both
-  ``encode_ordinary_batch`` and a loop of ``encode_ordinary`` are timed and the faster counts.
+  ``encode_ordinary_batch``, a loop of ``encode_ordinary`` and a loop of the core's buffer call (uint32 ids, no
+  Python int per token: what ``encode_to_numpy`` calls) are timed and the fastest counts.
   It is the floor of what any preprocessing on top of tiktoken can cost (the target: the ChatML encoder at
   >= 90% of it). "ids kept" is the loop keeping a batch's results until the batch ends, as an encoder must.
 
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--name", default="preprocess")
     ap.add_argument("--methods", default="", help="comma-separated subset of the rows (quick checks; the ratio "
-                    "lines need reference, ours, tpl25, tpl3, tpl25_hf and raw_loop/raw_batch)")
+                    "lines need reference, ours, tpl25, tpl3, tpl25_hf and raw_loop/raw_batch/raw_buffer)")
     args = ap.parse_args(argv)
 
     from qwen_tune.data.formats import RawRecord, to_conversation
@@ -163,6 +165,16 @@ def main(argv: list[str] | None = None) -> int:
         for t in texts[text_at[lo]:text_at[hi]]:
             eo(t)
 
+    def m_raw_buffer(lo: int, hi: int) -> None:
+        eb, none = enc._core_bpe.encode_to_tiktoken_buffer, frozenset()
+        for t in texts[text_at[lo]:text_at[hi]]:
+            eb(t, none)
+
+    def m_ours_lists(lo: int, hi: int) -> None:
+        for i in range(lo, hi, BATCH):
+            for s in encoder.encode(convs[i:min(i + BATCH, hi)]):
+                s.input_ids, s.labels  # noqa: B018 -- the lists made on first read
+
     def m_raw_kept(lo: int, hi: int) -> None:
         eo = enc.encode_ordinary
         for i in range(lo, hi, BATCH):  # the ids of a batch kept until it is done, as any encoder must
@@ -172,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     methods: dict[str, Callable[[int, int], None]] = {
         "reference": m_reference, "reference_unpadded": m_reference_unpadded, "ours": m_ours,
         "ours_parse": m_ours_parse, "tpl25": m_tpl25, "tpl3": m_tpl3, "tpl25_hf": m_tpl25_hf,
-        "raw_batch": m_raw_batch, "raw_loop": m_raw_loop, "raw_kept": m_raw_kept,
+        "ours_lists": m_ours_lists, "raw_batch": m_raw_batch, "raw_loop": m_raw_loop, "raw_buffer": m_raw_buffer,
+        "raw_kept": m_raw_kept,
     }
     labels = {"reference": "reference preprocess (as shipped: padded, tensors)",
               "reference_unpadded": "reference preprocess, unpadded",
@@ -182,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
               "tpl3": "qwen-tune TemplateEncoder, Qwen3 chat template",
               "tpl25_hf": "TemplateEncoder through the HF tokenizer (fast=False), Qwen2.5-Instruct template",
               "raw_batch": "raw tiktoken encode_ordinary_batch (texts only)",
+              "ours_lists": "qwen-tune ChatMLEncoder.encode, then every sample's ids and labels read as lists",
               "raw_loop": "raw tiktoken encode_ordinary loop (texts only)",
+              "raw_buffer": "raw tiktoken core encode_to_tiktoken_buffer loop (texts only; what encode_to_numpy calls)",
               "raw_kept": "raw tiktoken encode_ordinary loop, ids kept per batch of 512 (texts only)"}
     if args.methods:
         methods = {k: methods[k] for k in args.methods.split(",")}
@@ -218,9 +233,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {k:20s} CPU s best {best_cpu[k]:.3f}  median {med_cpu[k]:.3f}" +
                   (f"  ours/this {best_cpu[k] / best_cpu['ours']:.3f}" if "ours" in names else ""))
         return 0
-    raw_kind = min(("raw_batch", "raw_loop"), key=best_cpu.__getitem__)
+    raw_kinds = ("raw_batch", "raw_loop", "raw_buffer")
+    raw_kind = min(raw_kinds, key=best_cpu.__getitem__)
     for d in (best_cpu, med_cpu, med_wall, best_wall):
-        d["raw"] = min(d["raw_batch"], d["raw_loop"])
+        d["raw"] = min(d[k] for k in raw_kinds)
 
     def speed(d: dict, k: str, vs: str) -> float:
         return d[vs] / d[k]
@@ -254,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
           for k in ("tpl25", "tpl3")],
         f"qwen-tune ChatMLEncoder vs raw tiktoken keeping its ids per batch (not the target's floor, which "
         f"discards them): {100 * speed(best_cpu, 'ours', 'raw_kept'):.1f}%",
+        f"qwen-tune ChatMLEncoder with every sample read as lists (what tokenize() never does): "
+        f"{100 * speed(best_cpu, 'ours_lists', 'raw'):.1f}% of raw tiktoken",
         f"chat-template fast path vs the HF tokenizer path (Qwen2.5-Instruct): "
         f"{speed(best_cpu, 'tpl25', 'tpl25_hf'):.2f}x",
     ]

@@ -221,6 +221,19 @@ def test_encoders_pickle_and_hash_for_datasets(family, family_tok, tokenizer):
     assert Hasher.hash(enc) == Hasher.hash(clone)
 
 
+def test_chatml_on_an_hf_tokenizer_equals_the_qwen1_path(family_tok, tokenizer):
+    """`data.template: chatml` on a Qwen2 checkpoint: the HF tokenizer's lists become the encoder's int32 buffers,
+    and the same ranks give the Qwen-1 tokenizer's ids and labels, cut or not."""
+    convs = [CONVERSATIONS[k] for k in CONVERSATIONS if k not in ("tool", "reasoning")] + \
+        [conv([("user", " 你好 <|im_end|>"), ("assistant", "\n\nhi\n")])]
+    for max_len in (10**6, 24):
+        hf = make_encoder(family_tok("qwen2-instruct"), max_len, template="chatml").encode(convs)
+        ref = ChatMLEncoder(tokenizer, max_len).encode(convs)
+        assert [(s.input_ids, s.labels, s.truncated, s.drop_reason) for s in hf] == \
+            [(s.input_ids, s.labels, s.truncated, s.drop_reason) for s in ref]
+    assert any(s.truncated for s in ref)
+
+
 def test_template_settings_and_errors(family_dirs, family_tok, tokenizer, tmp_path):
     tok = family_tok("qwen3")
     assert isinstance(make_encoder(tok, 64, template="chatml"), ChatMLEncoder)

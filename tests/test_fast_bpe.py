@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from array import array
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -116,7 +117,7 @@ def test_runs_keep_tiktokens_surrogate_fallback_and_skip_nothing_for_ascii(famil
     runs = fast.fast_path()
     public = fast_bpe._load_bpe(None).encoding.encode_ordinary
     for run in ("user\nplain ascii text " * 20, "assistant\na\ud800b", "user\n你好 <think>\nx\n</think>"):
-        ids = runs.encode(run)
+        ids = array("i", runs.encode(run)).tolist()  # the fast path's int32 bytes
         pieces = re.split("(<think>|</think>)", run)
         want = [t for piece in pieces if piece for t in
                 ([family_tok("qwen3").convert_tokens_to_ids(piece)] if piece in ("<think>", "</think>")

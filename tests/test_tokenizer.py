@@ -7,6 +7,7 @@ import filecmp
 import json
 import pickle
 import unicodedata
+from array import array
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -24,9 +25,11 @@ from qwen_tune.data.tokenizer import (
     QWenTokenizer,
     TokenizerLoadError,
     encode_texts,
+    encode_texts_i32,
     export_qwen2_tokenizer,
     load_tokenizer,
 )
+from qwen_tune.models.qwen1.tiktoken_bpe import _load_bpe
 
 SAMPLES = [
     "Hello, world! This is a simple English sentence.",
@@ -129,6 +132,8 @@ def test_property_oracle_and_roundtrip(qwen, oracle, text):
     assert qwen.decode(ids) == unicodedata.normalize("NFC", text)
     plain = encode_texts(qwen, [text])[0]
     assert plain == oracle.encode(text, allowed_special=set(), disallowed_special=())
+    # The ChatML encoder's int32 buffers (tiktoken's buffer call) hold the same ids
+    assert array("i", bytes(encode_texts_i32(qwen, [text])[0])).tolist() == plain
     assert all(i < ENDOFTEXT_ID for i in plain)
     assert qwen.decode(plain) == unicodedata.normalize("NFC", text)
 
@@ -172,6 +177,10 @@ def test_encode_ordinary_batch_keeps_tiktokens_surrogate_fallback(qwen, oracle):
     assert qwen.encode_ordinary(texts) == want
     assert qwen.encode_ordinary(t for t in texts) == want
     assert qwen.encode_ordinary(texts[:2]) == want[:2]
+    assert [array("i", bytes(b)).tolist() for b in qwen.encode_ordinary_i32(texts)] == want
+    old_tiktoken = _load_bpe(None)  # tiktoken < 0.9 has no buffer call: the lists are converted
+    old_tiktoken._core_buffer = None
+    assert [array("i", bytes(b)).tolist() for b in old_tiktoken.encode_ordinary_i32(texts)] == want
 
 
 def test_padding_truncation_and_collator(qwen):

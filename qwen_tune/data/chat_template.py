@@ -36,9 +36,10 @@ from typing import Any, Sequence
 
 from ..config import ConfigError
 from .fast_bpe import TiktokenEncoding, TiktokenRuns, tiktoken_runs
+from .ids import IGNORE_I32, any_trained, as_list
 from .formats import Conversation
 from .rendered import Rendered, Segmenter, assistant_spans, label_tokens, mark
-from .template import DEFAULT_SYSTEM, IGNORE_INDEX, ChatMLEncoder, EncodedSample, TruncationMode, paused_gc
+from .template import DEFAULT_SYSTEM, ChatMLEncoder, EncodedSample, TruncationMode, paused_gc
 from .tokenizer import IM_END, IM_START, is_qwen1_tokenizer
 
 log = logging.getLogger(__name__)
@@ -215,8 +216,7 @@ class TemplateEncoder:
             return self._encode_runs_hf(texts)
         out: list[Any] = []
         slow: list[int] = []
-        for k, run in enumerate(texts):
-            ids = fast.encode(run)
+        for k, (ids, run) in enumerate(zip(fast.encode_many(texts), texts)):
             if ids is None:  # not NFC: the HF backend normalizes it and maps offsets back
                 slow.append(k)
             out.append(TiktokenEncoding(ids, run, fast) if ids is not None else None)
@@ -261,28 +261,29 @@ class TemplateEncoder:
 
     def _sample(self, c: Conversation, r: Rendered, encodings: list[Any]) -> EncodedSample:
         spans = assistant_spans(r, self.im_start, self.im_end)
-        ids, labels = label_tokens(r, encodings, spans)
+        ids, labels = label_tokens(r, encodings, spans)  # int32 bytes
+        n = len(ids) >> 2
         n_assistant = sum(role == "assistant" for role, _ in c.turns)
         if len(spans) != n_assistant:
             log.warning("id=%r: the template rendered %d assistant turns for %d assistant messages", c.id,
                         len(spans), n_assistant)
-            return EncodedSample(c.id, ids, [IGNORE_INDEX] * len(ids), drop_reason="template_mismatch")
+            return EncodedSample(c.id, ids, IGNORE_I32 * n, drop_reason="template_mismatch")
         lost_calls = self._dropped_tool_calls(c, r, spans)
         if lost_calls:
             # An assistant turn whose only content is a call the template cannot show would train an empty turn.
-            return EncodedSample(c.id, ids, [IGNORE_INDEX] * len(ids), drop_reason="template_drops_tool_calls")
+            return EncodedSample(c.id, ids, IGNORE_I32 * n, drop_reason="template_drops_tool_calls")
         notes = self._dropped_reasoning(c, r, spans)
         if c.tools and not any(_tool_name(t) in r.text for t in c.tools):
             notes.append("tools_not_rendered")
         sample = EncodedSample(c.id, ids, labels, notes=notes)
-        if len(ids) > self.max_len:
+        if n > self.max_len:
             if self.truncation == "drop":
                 sample.drop_reason = "too_long"
                 return sample
-            sample.input_ids, sample.labels, sample.truncated = ids[: self.max_len], labels[: self.max_len], True
-        # Label position 0 is never used by the shifted loss.
-        kept = len(sample.labels) - sample.labels.count(IGNORE_INDEX)
-        if kept - (sample.labels[0] != IGNORE_INDEX if sample.labels else 0) <= 0:
+            cut = 4 * self.max_len
+            ids, labels = ids[:cut], labels[:cut]
+            sample.input_ids, sample.labels, sample.truncated = ids, labels, True
+        if not any_trained(labels[4:]):  # label position 0 is never used by the shifted loss
             sample.drop_reason = "no_assistant_label_after_truncation" if sample.truncated else "no_trainable_label"
         return sample
 
@@ -320,4 +321,4 @@ class TemplateEncoder:
         marked = self._render(mark(messages, self._special_re), mark(tools, self._special_re) if tools else None,
                               True)
         r = self._segmenter.segment(marked)
-        return label_tokens(r, self._encode_runs([run for _, run in r.runs]))[0]
+        return as_list(label_tokens(r, self._encode_runs([run for _, run in r.runs]))[0])

@@ -199,8 +199,10 @@ def _encode_batch(batch: dict[str, list], encoder: Any) -> dict[str, list]:
     convs = [Conversation.from_row(i, s, r, t, x) for i, s, r, t, x in
              zip(batch["id"], batch["system"], batch["roles"], batch["texts"], extra)]
     enc = encoder.encode(convs)
-    return {"id": [e.id for e in enc], "input_ids": [e.input_ids for e in enc], "labels": [e.labels for e in enc],
-            "length": [len(e.input_ids) for e in enc], "truncated": [e.truncated for e in enc],
+    # int32 arrays, which Arrow takes without unboxing an int per token (views of the ChatML encoder's bytes).
+    arrays = [e.arrays() for e in enc]
+    return {"id": [e.id for e in enc], "input_ids": [a[0] for a in arrays], "labels": [a[1] for a in arrays],
+            "length": [e.length for e in enc], "truncated": [e.truncated for e in enc],
             "drop_reason": [e.drop_reason for e in enc],
             # One string per row: an all-empty list column would get Arrow's null type in some batches.
             "notes": [",".join(e.notes) for e in enc]}

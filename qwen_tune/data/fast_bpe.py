@@ -30,10 +30,11 @@ import os
 import re
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from ..constants import cache_root
 from ..models.qwen1.tiktoken_bpe import QWEN_PAT_STR, _load_bpe, is_nfc
+from .ids import id_bytes
 
 log = logging.getLogger(__name__)
 _CACHE_FILE = "bpe_fingerprints.json"
@@ -163,7 +164,8 @@ class TiktokenRuns:
 
     def __init__(self, added: dict[str, tuple[int, bool]], n_ranks: int) -> None:
         bpe = _load_bpe(None)
-        self._encode = bpe.encode_plain  # tiktoken's core, as the ChatML path calls it (surrogate fallback kept)
+        # tiktoken's core as the ChatML path calls it (surrogate fallback kept), on NFC runs: int32 buffers
+        self._encode_i32 = bpe.encode_ordinary_i32
         contents = sorted(added, key=len, reverse=True)
         self._added_re = re.compile("|".join(map(re.escape, contents))) if contents else None
         self._added = {c: (None if special else tid) for c, (tid, special) in added.items()}
@@ -175,44 +177,54 @@ class TiktokenRuns:
         for c, (tid, _) in added.items():
             nbytes[tid] = len(c.encode("utf-8"))
         self._nbytes = nbytes
-        self._cache: dict[str, list[int]] = {}  # short runs repeat: role headers, "\n", the default system
+        self._cache: dict[str, bytes] = {}  # short runs repeat: role headers, "\n", the default system
 
-    def encode(self, run: str) -> list[int] | None:
-        """The run's ids, or None when a piece is not NFC (HF would normalize it; tiktoken cannot)."""
-        ids = self._cache.get(run) if len(run) <= 256 else None
-        if ids is not None:
-            return ids
-        added = self._added_re
-        if added is None or not added.search(run):
-            if not is_nfc(run):
-                return None
-            ids = self._encode(run)
-        else:
-            ids = []
-            last = 0
-            for m in added.finditer(run):
-                tid = self._added[m.group(0)]
-                if tid is None:  # a special token: plain text here, as in HF with encode_special_tokens
-                    continue
-                if m.start() > last:
-                    piece = run[last:m.start()]
-                    if not is_nfc(piece):
-                        return None
-                    ids += self._encode(piece)
-                ids.append(tid)
-                last = m.end()
-            if last < len(run):
-                piece = run[last:]
-                if not is_nfc(piece):
-                    return None
-                ids += self._encode(piece)
-        if len(run) <= 256:
-            if len(self._cache) >= 4096:
-                self._cache.clear()
-            self._cache[run] = ids
-        return ids
+    def encode(self, run: str) -> bytes | None:
+        """The run's ids as int32 bytes (:mod:`.ids`), or None when a piece is not NFC (HF would normalize it;
+        tiktoken cannot)."""
+        return self.encode_many([run])[0]
 
-    def offsets(self, run: str, ids: list[int]) -> Iterator[tuple[int, int]]:
+    def encode_many(self, runs: list[str]) -> list[bytes | None]:
+        """:meth:`encode` of each run; the plain runs not cached go to tiktoken in one call."""
+        cache, added = self._cache, self._added_re
+        out: list[bytes | None] = []
+        todo: list[int] = []
+        for k, run in enumerate(runs):
+            ids = cache.get(run) if len(run) <= 256 else None  # hashing a long run once costs more than it saves
+            if ids is None:
+                if added is not None and added.search(run):
+                    ids = self._encode_with_added(run)
+                elif is_nfc(run):
+                    todo.append(k)
+            out.append(ids)
+        if len(cache) >= 4096:
+            cache.clear()
+        for k, buf in zip(todo, self._encode_i32([runs[k] for k in todo])):
+            out[k] = ids = bytes(buf)
+            if len(runs[k]) <= 256:
+                cache[runs[k]] = ids
+        return out
+
+    def _encode_with_added(self, run: str) -> bytes | None:
+        parts: list[Any] = []
+        last = 0
+        for m in self._added_re.finditer(run):  # type: ignore[union-attr]
+            tid = self._added[m.group(0)]
+            if tid is None:  # a special token: plain text here, as in HF with encode_special_tokens
+                continue
+            if m.start() > last:
+                parts.append(run[last:m.start()])
+            parts.append(tid)
+            last = m.end()
+        if last < len(run):
+            parts.append(run[last:])
+        texts = [p for p in parts if type(p) is str]
+        if not all(map(is_nfc, texts)):
+            return None
+        encoded = iter(self._encode_i32(texts))
+        return b"".join(next(encoded) if type(p) is str else id_bytes(p) for p in parts)
+
+    def offsets(self, run: str, ids: Sequence[int]) -> Iterator[tuple[int, int]]:
         """Char offsets of each token in the run, as HF reports them: a token holding part of a character
         spans that whole character. Lazy: label walks stop at the last span boundary of a run."""
         nbytes = self._nbytes
@@ -244,12 +256,12 @@ class TiktokenEncoding:
 
     __slots__ = ("ids", "_run", "_fast")
 
-    def __init__(self, ids: list[int], run: str, fast: TiktokenRuns) -> None:
-        self.ids, self._run, self._fast = ids, run, fast
+    def __init__(self, ids: bytes, run: str, fast: TiktokenRuns) -> None:
+        self.ids, self._run, self._fast = ids, run, fast  # int32 bytes
 
     @property
     def offsets(self) -> Iterator[tuple[int, int]]:
-        return self._fast.offsets(self._run, self.ids)
+        return self._fast.offsets(self._run, memoryview(self.ids).cast("i"))
 
 
 def tiktoken_runs(tokenizer: Any) -> tuple[TiktokenRuns | None, str]:

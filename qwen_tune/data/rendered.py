@@ -7,10 +7,12 @@ the spans are read off one full rendering.
 from __future__ import annotations
 
 import re
+from array import array
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ..constants import IGNORE_INDEX, IM_END
+from .ids import IGNORE_I32, i32, id_bytes
 
 # Private-use code points no tokenizer text contains; wrapped around special tokens typed in data.
 MARK_START, MARK_END = "\U000f0100", "\U000f0101"
@@ -114,29 +116,33 @@ class Segmenter:
 
 
 def label_tokens(r: Rendered, encodings: list[Any],
-                 spans: Sequence[tuple[int, int]] = ()) -> tuple[list[int], list[int]]:
-    """Ids of the rendering and their labels: a token is labelled when it overlaps an assistant span.
+                 spans: Sequence[tuple[int, int]] = ()) -> tuple[bytes, bytes]:
+    """Ids of the rendering and their labels, as int32 bytes (:mod:`.ids`): a token is labelled when it overlaps
+    an assistant span.
 
     Most runs lie wholly inside or outside every span and are labelled in bulk; only a run a span
     boundary cuts (``assistant\n`` + content, the ``\n`` after ``<|im_end|>``) is walked by offsets.
-    Items and spans are both in text order (spans disjoint), so one pointer walks the spans.
+    Items and spans are both in text order (spans disjoint), so one pointer walks the spans. An encoding's ids
+    are int32 bytes (the tiktoken fast path) or a list (HF's Encoding).
     """
-    ids: list[int] = []
-    labels: list[int] = []
+    ids: list[bytes] = []
+    labels: list[bytes] = []
     n_spans = len(spans)
     si = 0
     for kind, idx in r.items:
         if kind == "special":
             start, _, tid = r.specials[idx]
-            ids.append(tid)
+            b = id_bytes(tid)
+            ids.append(b)
             while si < n_spans and spans[si][1] <= start:
                 si += 1
-            labels.append(tid if si < n_spans and spans[si][0] <= start else IGNORE_INDEX)
+            labels.append(b if si < n_spans and spans[si][0] <= start else IGNORE_I32)
             continue
         base, text = r.runs[idx]
         enc = encodings[idx]
-        tids = enc.ids
-        ids.extend(tids)
+        tids = enc.ids if type(enc.ids) is bytes else i32(enc.ids)
+        n = len(tids) >> 2
+        ids.append(tids)
         end = base + len(text)
         while si < n_spans and spans[si][1] <= base:
             si += 1
@@ -144,23 +150,27 @@ def label_tokens(r: Rendered, encodings: list[Any],
         while j < n_spans and spans[j][0] < end:
             j += 1
         if j == si:
-            labels.extend([IGNORE_INDEX] * len(tids))
+            labels.append(IGNORE_I32 * n)
             continue
         cut = spans[si:j]
         if cut[0][0] <= base and cut[0][1] >= end:
-            labels.extend(tids)
+            labels.append(tids)
             continue
         # Walk tokens only up to the last boundary in the run; past it, all lie on one side. Offsets are
         # run-relative, so the spans are moved into the run's frame once.
         cut = [(a - base, b - base) for a, b in cut]
         last = max(x for a, b in cut for x in (a, b) if 0 < x < end - base)
-        tail = tids if cut[-1][0] <= end - base - 1 < cut[-1][1] else None
-        for k, (t, (s, e)) in enumerate(zip(tids, enc.offsets)):
+        inside_tail = cut[-1][0] <= end - base - 1 < cut[-1][1]
+        walked = array("i")
+        for t, (s, e) in zip(memoryview(tids).cast("i"), enc.offsets):
             if s >= last:
-                labels.extend(tail[k:] if tail is not None else [IGNORE_INDEX] * (len(tids) - k))
                 break
-            labels.append(t if any(s < b and e > a for a, b in cut) else IGNORE_INDEX)
-    return ids, labels
+            walked.append(t if any(s < b and e > a for a, b in cut) else IGNORE_INDEX)
+        k = len(walked)
+        labels.append(walked.tobytes())
+        labels.append(tids[4 * k:] if inside_tail else IGNORE_I32 * (n - k))
+    return b"".join(ids), b"".join(labels)
+
 
 def assistant_spans(r: Rendered, im_start: int, im_end: int) -> list[tuple[int, int]]:
     """Assistant turn bodies: after a template-emitted ``<|im_start|>assistant\\n`` through ``<|im_end|>`` + ``\\n``."""

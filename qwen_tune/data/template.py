@@ -16,18 +16,21 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence
 
 from ..constants import IGNORE_INDEX, IM_END, IM_START
 from .formats import Conversation
-from .tokenizer import encode_texts
+from .ids import IGNORE_I32, as_list, i32, int32_array
+from .tokenizer import encode_texts, encode_texts_i32
+
+if TYPE_CHECKING:
+    import numpy as np
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 MaskMode = Literal["reference", "assistant_only"]
 TruncationMode = Literal["cut", "drop"]
 # Bumped whenever encoding output changes, so cached tokenized datasets are rebuilt.
-TEMPLATE_VERSION = "chatml-1"
+TEMPLATE_VERSION = "chatml-2"  # 2: int32 id and label columns
 _SYSTEM_CACHE_SIZE = 1024
 
 
@@ -76,14 +79,57 @@ def render_chatml(conv: Conversation, default_system: str = DEFAULT_SYSTEM) -> s
     return out
 
 
-@dataclass
 class EncodedSample:
-    id: str
-    input_ids: list[int]
-    labels: list[int]
-    truncated: bool = False
-    drop_reason: str = ""  # "" = kept
-    notes: list[str] = field(default_factory=list)  # what the template did not render, one entry per occurrence
+    """One encoded conversation: ids, labels, and what happened to it.
+
+    ``input_ids`` / ``labels`` read as lists. The encoders store them as int32 bytes (:mod:`.ids`); the lists are
+    made on first read, and :meth:`arrays` hands Arrow the bytes as they are, so the tokenize path never makes them.
+    """
+
+    __slots__ = ("id", "_ids", "_labels", "truncated", "drop_reason", "notes")
+
+    def __init__(self, id: str, input_ids: list[int] | bytes, labels: list[int] | bytes, truncated: bool = False,
+                 drop_reason: str = "", notes: list[str] | None = None) -> None:
+        self.id, self._ids, self._labels = id, input_ids, labels
+        self.truncated = truncated
+        self.drop_reason = drop_reason  # "" = kept
+        self.notes = [] if notes is None else notes  # what the template did not render, one entry per occurrence
+
+    @property
+    def input_ids(self) -> list[int]:
+        self._ids = as_list(self._ids)
+        return self._ids
+
+    @input_ids.setter
+    def input_ids(self, ids: list[int] | bytes) -> None:
+        self._ids = ids
+
+    @property
+    def labels(self) -> list[int]:
+        self._labels = as_list(self._labels)
+        return self._labels
+
+    @labels.setter
+    def labels(self, labels: list[int] | bytes) -> None:
+        self._labels = labels
+
+    @property
+    def length(self) -> int:
+        return len(self._ids) >> 2 if type(self._ids) is bytes else len(self._ids)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """ids and labels as int32 arrays (views of the bytes when the encoder made bytes)."""
+        return int32_array(self._ids), int32_array(self._labels)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, EncodedSample):
+            return NotImplemented
+        return (self.id, self.input_ids, self.labels, self.truncated, self.drop_reason, self.notes) == \
+            (other.id, other.input_ids, other.labels, other.truncated, other.drop_reason, other.notes)
+
+    def __repr__(self) -> str:
+        return (f"EncodedSample(id={self.id!r}, input_ids={self.input_ids!r}, labels={self.labels!r}, "
+                f"truncated={self.truncated}, drop_reason={self.drop_reason!r}, notes={self.notes!r})")
 
 
 class ChatMLEncoder:
@@ -109,25 +155,26 @@ class ChatMLEncoder:
         nl, system, user, assistant = encode_texts(tokenizer, ["\n", "system", "user", "assistant"])
         self.nl = nl
         self.role_ids = {"system": system, "user": user, "assistant": assistant}
-        # The template's constant pieces, built once: per-role header ids and labels, the turn tail.
+        # The template's constant pieces, built once as int32 bytes: per-role header ids and labels, the turn tail.
         ref = mask == "reference"
-        self._tail = [self.im_end] + nl
-        self._header = {r: [self.im_start] + ids + nl for r, ids in self.role_ids.items()}
-        self._header_labels = {r: [self.im_start if ref else IGNORE_INDEX] + [IGNORE_INDEX] * (len(h) - 1)
-                               for r, h in self._header.items()}
-        self._tail_other = self._tail if ref else [IGNORE_INDEX] * len(self._tail)
-        self._system_cache: dict[str, list[int]] = {}  # system prompts repeat across a whole data set
+        tail = [self.im_end] + nl
+        self._tail, self._tail_other = i32(tail), i32(tail if ref else [IGNORE_INDEX] * len(tail))
+        headers = {r: [self.im_start] + ids + nl for r, ids in self.role_ids.items()}
+        self._header = {r: i32(h) for r, h in headers.items()}
+        self._header_labels = {r: i32([self.im_start if ref else IGNORE_INDEX] + [IGNORE_INDEX] * (len(h) - 1))
+                               for r, h in headers.items()}
+        self._system_cache: dict[str, bytes] = {}  # system prompts repeat across a whole data set
 
     name = "chatml (Qwen-1 reference preprocess)"
     template_id = "chatml"
 
-    def _systems(self, convs: Sequence[Conversation]) -> dict[str, list[int]]:
+    def _systems(self, convs: Sequence[Conversation]) -> dict[str, bytes]:
         cache = self._system_cache
         default = self.default_system
         new = list({default if c.system is None else c.system for c in convs} - cache.keys())
         if len(cache) + len(new) > _SYSTEM_CACHE_SIZE:
             cache.clear()
-        cache.update(zip(new, encode_texts(self.tokenizer, new)))
+        cache.update(zip(new, map(bytes, encode_texts_i32(self.tokenizer, new))))
         return cache
 
     def encode(self, convs: Sequence[Conversation]) -> list[EncodedSample]:
@@ -143,7 +190,7 @@ class ChatMLEncoder:
             if not t:
                 texts.extend([x for _, x in c.turns])
         systems = self._systems([c for c, t in zip(convs, tools) if not t])
-        pieces = encode_texts(self.tokenizer, texts)
+        pieces = encode_texts_i32(self.tokenizer, texts)
         out = []
         k = 0
         default = self.default_system
@@ -160,28 +207,24 @@ class ChatMLEncoder:
             out.append(sample)
         return out
 
-    def _assemble(self, sample_id: str, system: list[int], turns: list[tuple[str, str]],
-                  pieces: list[list[int]]) -> EncodedSample:
-        # extend() into two lists, headers and labels prebuilt: no per-turn temporaries (this loop is the whole
-        # cost of the encoder on top of tiktoken).
+    def _assemble(self, sample_id: str, system: bytes, turns: list[tuple[str, str]],
+                  pieces: list[Any]) -> EncodedSample:
+        # One b"".join each for ids and labels over the pieces' buffers and the prebuilt headers: memcpy, no
+        # Python int per token (this loop is the whole cost of the encoder on top of tiktoken).
         header, header_labels, tail, tail_other = self._header, self._header_labels, self._tail, self._tail_other
-        ids = header["system"] + system + tail
-        labels = header_labels["system"] + [IGNORE_INDEX] * len(system) + tail_other
+        ign = IGNORE_I32
+        ids = [header["system"], system, tail]
+        labels = [header_labels["system"], ign * (len(system) >> 2), tail_other]
         has_assistant = False
         for (role, _), text in zip(turns, pieces):
-            ids.extend(header[role])
-            ids.extend(text)
-            ids.extend(tail)
-            labels.extend(header_labels[role])
+            ids += (header[role], text, tail)
             if role == "assistant":
                 has_assistant = True
-                labels.extend(text)
-                labels.extend(tail)
+                labels += (header_labels[role], text, tail)
             else:
-                labels.extend([IGNORE_INDEX] * len(text))
-                labels.extend(tail_other)
-        sample = EncodedSample(sample_id, ids, labels)
-        if len(ids) <= self.max_len:
+                labels += (header_labels[role], ign * (memoryview(text).nbytes >> 2), tail_other)
+        sample = EncodedSample(sample_id, b"".join(ids), b"".join(labels))
+        if sample.length <= self.max_len:
             # Untruncated, a sample keeps an assistant label exactly when it has an assistant turn.
             if not has_assistant:
                 sample.drop_reason = "no_trainable_label"
@@ -190,22 +233,24 @@ class ChatMLEncoder:
             sample.drop_reason = "too_long"
             return sample
         # The reference keeps the head and cuts the tail.
-        sample.input_ids, sample.labels, sample.truncated = ids[: self.max_len], labels[: self.max_len], True
-        if not self._has_assistant_label(sample, [("system", system)] + [(r, p) for (r, _), p in zip(turns, pieces)]):
+        cut = 4 * self.max_len
+        sample.input_ids, sample.labels, sample.truncated = sample._ids[:cut], sample._labels[:cut], True
+        lengths = [("system", len(system) >> 2)] + [(r, memoryview(p).nbytes >> 2) for (r, _), p in zip(turns, pieces)]
+        if not self._has_assistant_label(lengths):
             sample.drop_reason = "no_assistant_label_after_truncation"
         return sample
 
-    def _has_assistant_label(self, sample: EncodedSample, turns: list[tuple[str, list[int]]]) -> bool:
-        """True if some assistant token still carries a label the loss can see.
+    def _has_assistant_label(self, turns: list[tuple[str, int]]) -> bool:
+        """True if some assistant token still carries a label the loss can see, the sample cut at max_len.
 
         A sample whose only labels are the structural tokens of system/user turns teaches the
         model nothing useful, so it is dropped and counted rather than fed as near-zero loss.
         """
         pos = 0
-        limit = len(sample.input_ids)
-        for role, text in turns:
+        limit = self.max_len
+        for role, n in turns:
             start = pos + 1 + len(self.role_ids[role]) + len(self.nl)
-            pos = start + len(text) + 1 + len(self.nl)
+            pos = start + n + 1 + len(self.nl)
             # Label position 0 is never used by the shifted loss.
             if role == "assistant" and max(start, 1) < min(pos, limit):
                 return True

@@ -17,6 +17,7 @@ import os
 import re
 import sys
 import unicodedata
+from array import array
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from ..config import ConfigError, read_json_object
 from ..constants import ENDOFTEXT, ENDOFTEXT_ID, IM_END, IM_END_ID, IM_START, IM_START_ID
 from ..models.qwen1.tiktoken_bpe import (_SPECIAL_TO_ID, EXTRAS, QWEN_PAT_STR, QWEN_TIKTOKEN_PATH, SPECIAL_TOKENS,
-                                         _load_bpe, _nfc)
+                                         Buffer, _load_bpe, _nfc)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -171,6 +172,9 @@ class QWenTextTokenizer:
         """As :meth:`QWenTokenizer.encode_ordinary`: NFC, special-token strings as text."""
         return self._bpe.encode_ordinary(texts)
 
+    def encode_ordinary_i32(self, texts: Sequence[str]) -> list[Buffer]:
+        return self._bpe.encode_ordinary_i32(texts)
+
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self._bpe.decode(token_ids, skip_special_tokens)
 
@@ -302,3 +306,14 @@ def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> li
                 if pattern.search(text) or pattern.search(unicodedata.normalize("NFC", text)):
                     out[i] = list(tokenizer._encode_without_added_tokens(text))
     return out
+
+
+def encode_texts_i32(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[Buffer]:
+    """:func:`encode_texts` with each text's ids as a buffer of native int32 (what the ChatML encoder joins).
+
+    Qwen-1's tokenizers make them inside tiktoken, with no Python int per token; any other tokenizer's lists are
+    converted.
+    """
+    if is_qwen1_tokenizer(tokenizer) and not isinstance(texts, str):
+        return tokenizer.encode_ordinary_i32(texts)
+    return [array("i", ids) for ids in encode_texts(tokenizer, texts)]

@@ -193,6 +193,10 @@ class QWenTokenizer(PreTrainedTokenizer):
             return self._bpe.encode_ordinary([texts])[0]
         return self._bpe.encode_ordinary(texts)
 
+    def encode_ordinary_i32(self, texts: Iterable[str]) -> list[Any]:
+        """:meth:`encode_ordinary` of a list of texts, each as a buffer of native int32 ids (no Python int per id)."""
+        return self._bpe.encode_ordinary_i32(texts)
+
     def tokenize(
         self, text: str, allowed_special: Any = "all", disallowed_special: Any = (), **kwargs: Any
     ) -> list[str]:
