@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..config import ConfigError
-from .fast_bpe import TiktokenEncoding, TiktokenRuns, tiktoken_runs
+from .fast_bpe import TiktokenRuns, tiktoken_runs
 from .ids import IGNORE_I32, any_trained, as_list
 from .formats import Conversation
 from .rendered import Rendered, Segmenter, assistant_spans, label_tokens, mark
@@ -214,12 +214,8 @@ class TemplateEncoder:
         fast = self._fast
         if fast is None:
             return self._encode_runs_hf(texts)
-        out: list[Any] = []
-        slow: list[int] = []
-        for k, (ids, run) in enumerate(zip(fast.encode_many(texts), texts)):
-            if ids is None:  # not NFC: the HF backend normalizes it and maps offsets back
-                slow.append(k)
-            out.append(TiktokenEncoding(ids, run, fast) if ids is not None else None)
+        out: list[Any] = fast.encode_many(texts)  # int32 bytes; label_tokens asks fast.offsets where it walks
+        slow = [k for k, ids in enumerate(out) if ids is None]  # not NFC: HF normalizes it and maps offsets back
         for k, e in zip(slow, self._encode_runs_hf([texts[k] for k in slow])):
             out[k] = e
         return out
@@ -248,20 +244,21 @@ class TemplateEncoder:
             except Exception as e:  # noqa: BLE001 - a template's raise_exception / TypeError: one bad record
                 errors[k] = f"{type(e).__name__}: {e}"
                 rendered.append(None)
-        flat = [run for r in rendered if r is not None for _, run in r.runs]
-        encodings = iter(self._encode_runs(flat))
+        encodings = self._encode_runs([run for r in rendered if r is not None for _, run in r.runs])
         out = []
+        at = 0
         for k, (c, r) in enumerate(zip(convs, rendered)):
             if r is None:
                 log.warning("id=%r: the chat template cannot render it: %s", c.id, errors[k])
                 out.append(EncodedSample(c.id, [], [], drop_reason="template_error"))
                 continue
-            out.append(self._sample(c, r, [next(encodings) for _ in r.runs]))
+            out.append(self._sample(c, r, encodings[at:at + len(r.runs)]))
+            at += len(r.runs)
         return out
 
     def _sample(self, c: Conversation, r: Rendered, encodings: list[Any]) -> EncodedSample:
         spans = assistant_spans(r, self.im_start, self.im_end)
-        ids, labels = label_tokens(r, encodings, spans)  # int32 bytes
+        ids, labels = label_tokens(r, encodings, spans, self._offsets)  # int32 bytes
         n = len(ids) >> 2
         n_assistant = sum(role == "assistant" for role, _ in c.turns)
         if len(spans) != n_assistant:
@@ -321,4 +318,8 @@ class TemplateEncoder:
         marked = self._render(mark(messages, self._special_re), mark(tools, self._special_re) if tools else None,
                               True)
         r = self._segmenter.segment(marked)
-        return as_list(label_tokens(r, self._encode_runs([run for _, run in r.runs]))[0])
+        return as_list(label_tokens(r, self._encode_runs([run for _, run in r.runs]), (), self._offsets)[0])
+
+    @property
+    def _offsets(self) -> Any:
+        return self._fast.offsets if self._fast is not None else None

@@ -251,19 +251,6 @@ class TiktokenRuns:
             yield s, cj + 1
 
 
-class TiktokenEncoding:
-    """One run's ids from the fast path; offsets computed only when a label walk asks for them."""
-
-    __slots__ = ("ids", "_run", "_fast")
-
-    def __init__(self, ids: bytes, run: str, fast: TiktokenRuns) -> None:
-        self.ids, self._run, self._fast = ids, run, fast  # int32 bytes
-
-    @property
-    def offsets(self) -> Iterator[tuple[int, int]]:
-        return self._fast.offsets(self._run, memoryview(self.ids).cast("i"))
-
-
 def tiktoken_runs(tokenizer: Any) -> tuple[TiktokenRuns | None, str]:
     """The tiktoken run encoder for this tokenizer, or None and why it is not Qwen's BPE exactly."""
     backend = getattr(tokenizer, "backend_tokenizer", None)

@@ -7,11 +7,11 @@ the spans are read off one full rendering.
 from __future__ import annotations
 
 import re
-from array import array
 from dataclasses import dataclass
-from typing import Any, Sequence
+from itertools import accumulate
+from typing import Any, Callable, Iterator, Sequence
 
-from ..constants import IGNORE_INDEX, IM_END
+from ..constants import IM_END
 from .ids import IGNORE_I32, i32, id_bytes
 
 # Private-use code points no tokenizer text contains; wrapped around special tokens typed in data.
@@ -39,10 +39,12 @@ def mark(obj: Any, pattern: re.Pattern) -> Any:
 
 @dataclass
 class Rendered:
+    """A rendering cut at the template's control tokens: ``runs[0], specials[0], runs[1], ..., runs[-1]`` in text
+    order (one more run than specials; a run may be empty)."""
+
     text: str  # the rendered conversation, markers removed
     runs: list[tuple[int, str]]  # (start in text, text run) between template control tokens
     specials: list[tuple[int, int, int]]  # (start, end, id) of template-emitted special tokens
-    items: list[tuple[str, int]]  # in order: ("run", index into runs) or ("special", index into specials)
 
 
 class Segmenter:
@@ -61,33 +63,19 @@ class Segmenter:
     def segment(self, marked: str) -> Rendered:
         if MARK_START in marked or MARK_END in marked:
             return self._segment_marked(marked)
-        # No special typed in data: every special-token string is the template's (one C-level split).
+        # No special typed in data: every special-token string is the template's. One C-level split; positions and
+        # ids by C-level maps (this runs once per conversation on the hot path).
         parts = self._bare_split.split(marked)
-        runs: list[tuple[int, str]] = []
-        specials: list[tuple[int, int, int]] = []
-        items: list[tuple[str, int]] = []
-        special_ids = self._special_ids
-        pos = 0
-        for k in range(0, len(parts) - 1, 2):
-            run, sp = parts[k], parts[k + 1]
-            if run:
-                items.append(("run", len(runs)))
-                runs.append((pos, run))
-                pos += len(run)
-            items.append(("special", len(specials)))
-            specials.append((pos, pos + len(sp), special_ids[sp]))
-            pos += len(sp)
-        if parts[-1]:
-            items.append(("run", len(runs)))
-            runs.append((pos, parts[-1]))
-        return Rendered(marked, runs, specials, items)
+        pos = list(accumulate(map(len, parts), initial=0))
+        runs = list(zip(pos[0::2], parts[0::2]))
+        specials = list(zip(pos[1::2], pos[2::2], map(self._special_ids.__getitem__, parts[1::2])))
+        return Rendered(marked, runs, specials)
 
     def _segment_marked(self, marked: str) -> Rendered:
         parts: list[str] = []
-        bounds: list[tuple[int, int]] = []
+        starts: list[int] = [0]
         specials: list[tuple[int, int, int]] = []
-        items: list[tuple[str, int]] = []
-        pos = last = run_start = 0
+        pos = last = 0
         for m in self._split_re.finditer(marked):
             parts.append(marked[last:m.start()])
             pos += m.start() - last
@@ -96,80 +84,80 @@ class Segmenter:
                 parts.append(m.group(1))
                 pos += len(m.group(1))
             elif m.group(2) is not None:  # the template's own control token ends the run
-                if pos > run_start:
-                    bounds.append((run_start, pos))
-                    items.append(("run", len(bounds) - 1))
                 specials.append((pos, pos + len(m.group(2)), self._special_ids[m.group(2)]))
-                items.append(("special", len(specials) - 1))
                 parts.append(m.group(2))
                 pos += len(m.group(2))
-                run_start = pos
+                starts.append(pos)
         parts.append(marked[last:])
-        pos += len(marked) - last
-        if pos > run_start:
-            bounds.append((run_start, pos))
-            items.append(("run", len(bounds) - 1))
         text = "".join(parts)
-        return Rendered(text, [(s, text[s:e]) for s, e in bounds], specials, items)
+        ends = [s for s, _, _ in specials] + [len(text)]
+        return Rendered(text, [(a, text[a:b]) for a, b in zip(starts, ends)], specials)
 
     # ------------------------------------------------------------------ encoding
 
 
-def label_tokens(r: Rendered, encodings: list[Any],
-                 spans: Sequence[tuple[int, int]] = ()) -> tuple[bytes, bytes]:
+def label_tokens(r: Rendered, encodings: list[Any], spans: Sequence[tuple[int, int]] = (),
+                 offsets: Callable[[str, Sequence[int]], Iterator[tuple[int, int]]] | None = None
+                 ) -> tuple[bytes, bytes]:
     """Ids of the rendering and their labels, as int32 bytes (:mod:`.ids`): a token is labelled when it overlaps
     an assistant span.
 
-    Most runs lie wholly inside or outside every span and are labelled in bulk; only a run a span
-    boundary cuts (``assistant\n`` + content, the ``\n`` after ``<|im_end|>``) is walked by offsets.
-    Items and spans are both in text order (spans disjoint), so one pointer walks the spans. An encoding's ids
-    are int32 bytes (the tiktoken fast path) or a list (HF's Encoding).
+    Token char intervals are sorted, so the tokens overlapping a span ``[a, b)`` are one index range: from the first
+    token ending after ``a`` to the first starting at or after ``b``. Only a run a span boundary cuts
+    (``assistant\n`` + content) is walked by offsets to find it; labels are then slices of the ids. A run's encoding
+    is its int32 bytes from the tiktoken fast path (its offsets from ``offsets(run, ids)``) or HF's Encoding.
     """
-    ids: list[bytes] = []
+    specials, runs = r.specials, r.runs
+    n_specials = len(specials)
+    parts: list[bytes] = []
+    # per item: char start, char end, its first token, its encoding (None: a control token), its text
+    bounds: list[tuple[int, int, int, Any, str]] = []
+    n = 0
+    for k, (base, text) in enumerate(runs):
+        enc = encodings[k]
+        tids = enc if type(enc) is bytes else i32(enc.ids)
+        parts.append(tids)
+        bounds.append((base, base + len(text), n, enc, text))
+        n += len(tids) >> 2
+        if k < n_specials:
+            start, end, tid = specials[k]
+            parts.append(id_bytes(tid))
+            bounds.append((start, end, n, None, ""))
+            n += 1
+    ids = b"".join(parts)
     labels: list[bytes] = []
-    n_spans = len(spans)
-    si = 0
-    for kind, idx in r.items:
-        if kind == "special":
-            start, _, tid = r.specials[idx]
-            b = id_bytes(tid)
-            ids.append(b)
-            while si < n_spans and spans[si][1] <= start:
-                si += 1
-            labels.append(b if si < n_spans and spans[si][0] <= start else IGNORE_I32)
-            continue
-        base, text = r.runs[idx]
-        enc = encodings[idx]
-        tids = enc.ids if type(enc.ids) is bytes else i32(enc.ids)
-        n = len(tids) >> 2
-        ids.append(tids)
-        end = base + len(text)
-        while si < n_spans and spans[si][1] <= base:
-            si += 1
-        j = si
-        while j < n_spans and spans[j][0] < end:
-            j += 1
-        if j == si:
-            labels.append(IGNORE_I32 * n)
-            continue
-        cut = spans[si:j]
-        if cut[0][0] <= base and cut[0][1] >= end:
-            labels.append(tids)
-            continue
-        # Walk tokens only up to the last boundary in the run; past it, all lie on one side. Offsets are
-        # run-relative, so the spans are moved into the run's frame once.
-        cut = [(a - base, b - base) for a, b in cut]
-        last = max(x for a, b in cut for x in (a, b) if 0 < x < end - base)
-        inside_tail = cut[-1][0] <= end - base - 1 < cut[-1][1]
-        walked = array("i")
-        for t, (s, e) in zip(memoryview(tids).cast("i"), enc.offsets):
-            if s >= last:
-                break
-            walked.append(t if any(s < b and e > a for a, b in cut) else IGNORE_INDEX)
-        k = len(walked)
-        labels.append(walked.tobytes())
-        labels.append(tids[4 * k:] if inside_tail else IGNORE_I32 * (n - k))
-    return b"".join(ids), b"".join(labels)
+    done = bi = 0  # tokens labelled (or ignored) so far; the item the pointer is at
+    for a, b in spans:
+        bi, k1 = _token_at(bounds, bi, a, n, offsets, after_end=True)
+        bi, k2 = _token_at(bounds, bi, b, n, offsets, after_end=False)
+        k1 = max(k1, done)  # a token straddling two spans is labelled once
+        if k2 > k1:
+            labels += (IGNORE_I32 * (k1 - done), ids[4 * k1:4 * k2])
+            done = k2
+    labels.append(IGNORE_I32 * (n - done))
+    return ids, b"".join(labels)
+
+
+def _token_at(bounds: list[tuple[int, int, int, Any, str]], bi: int, pos: int, n: int, offsets: Any,
+              after_end: bool) -> tuple[int, int]:
+    """The first token ending after ``pos`` (``after_end``) or starting at or after it, and the item it lies in;
+    the search starts at item ``bi`` (positions come in text order)."""
+    while bi < len(bounds) and bounds[bi][1] <= pos:
+        bi += 1
+    if bi == len(bounds):
+        return bi, n
+    start, _, first, enc, text = bounds[bi]
+    if pos <= start:
+        return bi, first
+    if enc is None:  # inside a control token: it overlaps the position
+        return bi, first if after_end else first + 1
+    rel = pos - start
+    k = first
+    for s, e in (offsets(text, memoryview(enc).cast("i")) if type(enc) is bytes else enc.offsets):
+        if (e > rel) if after_end else (s >= rel):
+            return bi, k
+        k += 1
+    return bi, k
 
 
 def assistant_spans(r: Rendered, im_start: int, im_end: int) -> list[tuple[int, int]]:
