@@ -30,7 +30,7 @@ DEFAULT_SYSTEM = "You are a helpful assistant."
 MaskMode = Literal["reference", "assistant_only"]
 TruncationMode = Literal["cut", "drop"]
 # Bumped whenever encoding output changes, so cached tokenized datasets are rebuilt.
-TEMPLATE_VERSION = "chatml-2"  # 2: int32 id and label columns
+TEMPLATE_VERSION = "chatml-2"  # 2: an int32 label column (was int64)
 _SYSTEM_CACHE_SIZE = 1024
 
 
