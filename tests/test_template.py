@@ -86,6 +86,19 @@ def test_truncation_cuts_tail(tokenizer):
     assert dropped.drop_reason == "too_long"
 
 
+def test_samples_hold_int32_bytes_and_read_as_lists(tokenizer):
+    """The encoder's int32 bytes: lists on first read, int32 arrays for Arrow, the same either way, cut or not."""
+    conv = Conversation("b", [("user", "你好 <|im_end|>"), ("assistant", "word " * 50)])
+    for max_len in (4096, 30):
+        s, same = enc(tokenizer, max_len=max_len).encode([conv, conv])
+        ids, labels = s.arrays()  # before any list is read: views of the encoder's bytes
+        assert str(ids.dtype) == str(labels.dtype) == "int32" and s.length == len(ids) == len(labels)
+        assert ids.tolist() == same.input_ids and labels.tolist() == same.labels
+        assert s.input_ids == same.input_ids and s == same and s.length == len(s.input_ids)
+        full = enc(tokenizer).encode([conv])[0]
+        assert s.truncated == (max_len == 30) and s.length == min(max_len, full.length)
+
+
 def test_truncation_leaving_no_assistant_label_is_dropped(tokenizer):
     conv = Conversation("e", [("user", "long question " * 100), ("assistant", "answer")])
     s = enc(tokenizer, max_len=40).encode([conv])[0]
