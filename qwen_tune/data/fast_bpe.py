@@ -189,16 +189,18 @@ class TiktokenRuns:
         cache, added = self._cache, self._added_re
         out: list[bytes | None] = []
         todo: list[int] = []
+        if len(cache) >= 4096:
+            cache.clear()
         for k, run in enumerate(runs):
             ids = cache.get(run) if len(run) <= 256 else None  # hashing a long run once costs more than it saves
             if ids is None:
                 if added is not None and added.search(run):
                     ids = self._encode_with_added(run)
+                    if ids is not None and len(run) <= 256:
+                        cache[run] = ids
                 elif is_nfc(run):
                     todo.append(k)
             out.append(ids)
-        if len(cache) >= 4096:
-            cache.clear()
         for k, buf in zip(todo, self._encode_i32([runs[k] for k in todo])):
             out[k] = ids = bytes(buf)
             if len(runs[k]) <= 256:
@@ -226,7 +228,7 @@ class TiktokenRuns:
 
     def offsets(self, run: str, ids: Sequence[int]) -> Iterator[tuple[int, int]]:
         """Char offsets of each token in the run, as HF reports them: a token holding part of a character
-        spans that whole character. Lazy: label walks stop at the last span boundary of a run."""
+        spans that whole character. Lazy: a label walk stops at the first token past a span boundary."""
         nbytes = self._nbytes
         if run.isascii():
             pos = 0

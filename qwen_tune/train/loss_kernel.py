@@ -2,9 +2,10 @@
 
 ``ce_grad_inplace`` turns one chunk of logits into its summed cross entropy and, in place, its gradient
 ``softmax - onehot``. Eager, that is five in-place passes (amax, subtract, exp, sum, divide), on CPU over blocks
-of a few rows that stay in cache, 16-bit logits through a block-sized fp32 copy (on GPU the chunk is one block). Compiled by inductor it becomes one
-fused reduction (max, sum of exp) and one fused pointwise loop that writes the gradient over the logits: about
-the same speed on CPU now, fewer memory passes on GPU; liger-kernel does the same but only on CUDA.
+of a few rows that stay in cache, 16-bit logits through a block-sized fp32 copy (on GPU the chunk is one block).
+Compiled by inductor it becomes one fused reduction (max, sum of exp) and one fused pointwise loop that writes
+the gradient over the logits: about the same speed on CPU now, fewer memory passes on GPU; liger-kernel does the
+same but only on CUDA.
 
 The compiled function is built once per process with ``dynamic=True`` (one graph for every row count and
 vocabulary size; dtypes and devices get their own guard). Compiling costs ~15 s with inductor's disk cache
